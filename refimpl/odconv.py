@@ -1,0 +1,757 @@
+"""ODConv: omni-dimensional dynamic convolution (chapter 4).
+
+Li, Zhou, Yao, "Omni-Dimensional Dynamic Convolution", ICLR 2022 (arXiv:2209.07947);
+official code OSVAI/ODConv (``modules/odconv.py``).
+
+Attention over kernels (chapter 3) gives each of the ``n`` kernels one scalar per
+sample. ODConv adds three more attentions computed by the same squeeze branch, one
+for each remaining axis of the kernel bank ``Tensor[n, C_out, C_in/g, kH, kW]``:
+
+* channel ``alpha_c``: one value per input channel, ``Tensor[N, C_in]``;
+* filter ``alpha_f``: one value per output channel, ``Tensor[N, C_out]``;
+* spatial ``alpha_s``: one value per kernel tap, ``Tensor[N, kH, kW]``;
+* kernel ``alpha_w``: a softmax over the ``n`` kernels, ``Tensor[N, n]``.
+
+As in the official code, ``alpha_c``, ``alpha_f`` and ``alpha_s`` are shared by the
+``n`` kernels; only ``alpha_w`` tells the kernels apart. The per-sample kernel is::
+
+    W(x) = alpha_f * alpha_c * alpha_s * sum_i alpha_w[i] W_i
+
+and, because a convolution is linear, ``alpha_c`` may scale the input and
+``alpha_f`` the output instead of the kernel. :func:`odconv2d` implements both
+orders and picks the cheaper one from the shapes (:func:`choose_order`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._validation import (
+    check_channels,
+    check_float_tensor,
+    check_groups,
+    check_positive_int,
+    pair,
+)
+from .per_sample import per_sample_conv2d
+
+__all__ = [
+    "ODAttentions",
+    "ODAttention",
+    "ODConv2d",
+    "odconv2d",
+    "odconv2d_loop",
+    "choose_order",
+    "order_costs",
+]
+
+_OWNER = "ODConv2d"
+_FN = "odconv2d"
+_ORDERS = ("auto", "kernel", "feature")
+
+
+class ODAttentions(NamedTuple):
+    """The four attentions of one ODConv forward pass.
+
+    ``None`` marks an attention the layer does not have (it acts as 1): filter for
+    depthwise layers, spatial for 1x1 kernels, kernel for a single kernel.
+    """
+
+    channel: Tensor | None
+    """``Tensor[N, C_in]``, sigmoid, scales the input channels."""
+    filter: Tensor | None
+    """``Tensor[N, C_out]``, sigmoid, scales the output channels (filters)."""
+    spatial: Tensor | None
+    """``Tensor[N, kH, kW]``, sigmoid, scales every kernel tap."""
+    kernel: Tensor | None
+    """``Tensor[N, n]``, softmax over the ``n`` kernels."""
+
+
+# --- the order of application -----------------------------------------------------
+
+
+def order_costs(
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    output_size: Sequence[int],
+    *,
+    channel: bool = True,
+    filter: bool = True,
+) -> dict[str, int]:
+    """Elementwise multiplications the channel and filter attentions cost.
+
+    ``"kernel"``: scaling the per-sample kernels ``Tensor[N, C_out, C_in/g, kH, kW]``
+    once per attention present. ``"feature"``: scaling the input
+    ``Tensor[N, C_in, H, W]`` (channel) and the output
+    ``Tensor[N, C_out, H_out, W_out]`` (filter). Everything else (mixing the
+    kernels, the convolution itself) is the same in both orders.
+
+    Args:
+        input_shape: ``(N, C_in, H, W)``.
+        weight_shape: ``(n, C_out, C_in/g, kH, kW)``.
+        output_size: ``(H_out, W_out)``.
+        channel, filter: whether the layer has these attentions.
+
+    Returns:
+        ``{"kernel": int, "feature": int}``.
+    """
+    n, c_in, h, w = (int(s) for s in input_shape)
+    _, c_out, c_in_g, kh, kw = (int(s) for s in weight_shape)
+    h_out, w_out = (int(s) for s in output_size)
+    kernel_elems = n * c_out * c_in_g * kh * kw
+    return {
+        "kernel": kernel_elems * (int(channel) + int(filter)),
+        "feature": int(channel) * n * c_in * h * w
+        + int(filter) * n * c_out * h_out * w_out,
+    }
+
+
+def choose_order(
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    output_size: Sequence[int],
+    *,
+    channel: bool = True,
+    filter: bool = True,
+    spatial: bool = True,
+    kernel: bool = True,
+) -> str:
+    """The cheaper order for the channel and filter attentions: ``order="auto"``.
+
+    1. If the mixed kernel does not depend on the sample (no spatial and no kernel
+       attention: a 1x1 ODConv with one kernel), return ``"feature"``: the layer is
+       then one ordinary batched convolution between two rescalings, the official
+       code's ``_forward_impl_pw1x`` path.
+    2. Otherwise both orders run the same per-sample convolution; return
+       ``"kernel"`` if scaling the per-sample kernels costs fewer multiplications
+       than scaling the feature maps (see :func:`order_costs`), else ``"feature"``.
+
+    Early layers (large maps, few channels) fold the attentions into the kernel;
+    late layers (small maps, many channels) apply them to the feature maps.
+
+    Args:
+        input_shape, weight_shape, output_size: as for :func:`order_costs`.
+        channel, filter, spatial, kernel: which attentions the layer has.
+
+    Returns:
+        ``"kernel"`` or ``"feature"``.
+    """
+    if not (spatial or kernel):
+        return "feature"
+    costs = order_costs(
+        input_shape, weight_shape, output_size, channel=channel, filter=filter
+    )
+    return "kernel" if costs["kernel"] < costs["feature"] else "feature"
+
+
+# --- functional form ----------------------------------------------------------------
+
+
+def _output_size(h, w, kh, kw, stride, padding, dilation, owner):
+    sizes = []
+    for axis, (size, k) in enumerate(((h, kh), (w, kw))):
+        span = dilation[axis] * (k - 1) + 1
+        padded = size + 2 * padding[axis]
+        if padded < span:
+            raise ValueError(
+                f"{owner} expected the padded input ({padded}) to be at least the "
+                f"dilated kernel size ({span}) along "
+                f"{'height' if axis == 0 else 'width'}"
+            )
+        sizes.append((padded - span) // stride[axis] + 1)
+    return tuple(sizes)
+
+
+def _check_attention(att, name, shape, owner):
+    if att is None:
+        return
+    check_float_tensor(att, name, owner=owner)
+    if tuple(att.shape) != tuple(shape):
+        raise ValueError(
+            f"{owner} expected {name} of shape {tuple(shape)}, got {tuple(att.shape)}"
+        )
+
+
+def _check_functional(x, weight, atts, bias, stride, padding, dilation, groups, owner):
+    check_float_tensor(x, "input", owner=owner, ndim=4)
+    check_float_tensor(weight, "weight", owner=owner, ndim=5)
+    stride = pair(stride, "stride", owner=owner)
+    padding = pair(padding, "padding", owner=owner, minimum=0)
+    dilation = pair(dilation, "dilation", owner=owner)
+    groups = check_positive_int(groups, "groups", owner=owner)
+    n, c_in, h, w = x.shape
+    kernel_num, c_out, c_in_g, kh, kw = weight.shape
+    check_groups(c_in, c_out, groups, owner=owner)
+    if c_in_g * groups != c_in:
+        raise ValueError(
+            f"{owner} expected weight of shape [n, C_out, C_in/groups, kH, kW] with "
+            f"C_in/groups = {c_in // groups}, got {tuple(weight.shape)}"
+        )
+    channel, filter_, spatial, kernel = atts
+    _check_attention(channel, "channel_attention", (n, c_in), owner)
+    _check_attention(filter_, "filter_attention", (n, c_out), owner)
+    _check_attention(spatial, "spatial_attention", (n, kh, kw), owner)
+    _check_attention(kernel, "kernel_attention", (n, kernel_num), owner)
+    if kernel is None and kernel_num != 1:
+        raise ValueError(
+            f"{owner} expected kernel_attention of shape {(n, kernel_num)} to mix "
+            f"{kernel_num} kernels, got None"
+        )
+    if bias is not None:
+        check_float_tensor(bias, "bias", owner=owner, ndim=1)
+        if bias.shape[0] != c_out:
+            raise ValueError(
+                f"{owner} expected bias of shape ({c_out},), got {tuple(bias.shape)}"
+            )
+    size = _output_size(h, w, kh, kw, stride, padding, dilation, owner)
+    return stride, padding, dilation, groups, size
+
+
+def _mix(weight: Tensor, spatial: Tensor | None, kernel: Tensor | None) -> Tensor:
+    """``alpha_s * sum_i alpha_w[i] W_i``: ``Tensor[N, C_out, C_in/g, kH, kW]``.
+
+    Returns the shared ``Tensor[C_out, C_in/g, kH, kW]`` when neither attention
+    exists, since the kernel is then the same for every sample.
+    """
+    kernel_num, c_out, c_in_g, kh, kw = weight.shape
+    if kernel is None:
+        mixed = weight[0]
+    else:
+        # alpha_s is shared by the kernels, so it can scale their mixture once
+        # instead of each kernel (the official code scales each, then sums).
+        mixed = (kernel @ weight.reshape(kernel_num, -1)).reshape(
+            -1, c_out, c_in_g, kh, kw
+        )
+    if spatial is not None:
+        mixed = mixed * spatial.reshape(-1, 1, 1, kh, kw)
+    return mixed
+
+
+def odconv2d(
+    x: Tensor,
+    weight: Tensor,
+    channel_attention: Tensor | None = None,
+    filter_attention: Tensor | None = None,
+    spatial_attention: Tensor | None = None,
+    kernel_attention: Tensor | None = None,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    *,
+    order: str = "auto",
+) -> Tensor:
+    """Convolve with a kernel bank modulated by the four ODConv attentions.
+
+    Computes, for every sample ``b``::
+
+        y[b] = (alpha_f[b] * alpha_c[b] * alpha_s[b] * sum_i alpha_w[b, i] W_i) * x[b]
+
+    with ``*`` a 2-D convolution and the three attentions broadcast along the
+    output-channel, input-channel and tap axes of the kernel (equation ``odconv-code``
+    of chapter 4). A missing attention (``None``) counts as 1. A static ``bias``,
+    if given, is added last (the official module has none).
+
+    Two orders give the same result (the convolution is linear in its input and
+    its kernel):
+
+    * ``"kernel"``: multiply ``alpha_c`` and ``alpha_f`` into the per-sample kernel,
+      then run one per-sample convolution;
+    * ``"feature"``: ``x * alpha_c``, convolve with ``alpha_s * sum_i alpha_w[i] W_i``,
+      multiply the output by ``alpha_f`` (the official code's order). For a 1x1
+      kernel bank with one kernel the convolution is then an ordinary batched
+      ``F.conv2d``.
+    * ``"auto"`` picks one with :func:`choose_order`.
+
+    Args:
+        x: ``Tensor[N, C_in, H, W]``.
+        weight: kernel bank ``Tensor[n, C_out, C_in/groups, kH, kW]``.
+        channel_attention: ``Tensor[N, C_in]`` or ``None``.
+        filter_attention: ``Tensor[N, C_out]`` or ``None``.
+        spatial_attention: ``Tensor[N, kH, kW]`` or ``None``.
+        kernel_attention: ``Tensor[N, n]``; may be ``None`` only when ``n == 1``.
+        bias: optional static ``Tensor[C_out]``.
+        stride, padding, dilation: ints or pairs, as in ``F.conv2d``.
+        groups: channel groups.
+        order: ``"auto"``, ``"kernel"`` or ``"feature"``.
+
+    Returns:
+        ``Tensor[N, C_out, H_out, W_out]``, ``H_out`` as for ``nn.Conv2d``.
+
+    Raises:
+        TypeError: non-tensor or non-float inputs, non-int sizes.
+        ValueError: inconsistent shapes, bad ``order``, an input smaller than the
+            dilated kernel.
+    """
+    atts = (channel_attention, filter_attention, spatial_attention, kernel_attention)
+    stride, padding, dilation, groups, size = _check_functional(
+        x, weight, atts, bias, stride, padding, dilation, groups, _FN
+    )
+    if order not in _ORDERS:
+        raise ValueError(f"{_FN} expected order in {_ORDERS}, got {order!r}")
+    if order == "auto":
+        order = choose_order(
+            x.shape,
+            weight.shape,
+            size,
+            channel=channel_attention is not None,
+            filter=filter_attention is not None,
+            spatial=spatial_attention is not None,
+            kernel=kernel_attention is not None,
+        )
+    n = x.shape[0]
+    _, c_out, c_in_g, kh, kw = weight.shape
+    mixed = _mix(weight, spatial_attention, kernel_attention)
+
+    if order == "kernel":
+        if mixed.dim() == 4:
+            mixed = mixed.expand(n, *mixed.shape)
+        if filter_attention is not None:
+            mixed = mixed * filter_attention.reshape(n, c_out, 1, 1, 1)
+        if channel_attention is not None:
+            # Output channel o of group q reads input channels q*C_in/g ... ;
+            # the channel attention must follow the same grouping.
+            mixed = mixed.reshape(n, groups, c_out // groups, c_in_g, kh, kw)
+            mixed = mixed * channel_attention.reshape(n, groups, 1, c_in_g, 1, 1)
+            mixed = mixed.reshape(n, c_out, c_in_g, kh, kw)
+        out = per_sample_conv2d(x, mixed, None, stride, padding, dilation, groups)
+    else:
+        if channel_attention is not None:
+            x = x * channel_attention.reshape(n, x.shape[1], 1, 1)
+        if mixed.dim() == 4:
+            out = F.conv2d(x, mixed, None, stride, padding, dilation, groups)
+        else:
+            out = per_sample_conv2d(x, mixed, None, stride, padding, dilation, groups)
+        if filter_attention is not None:
+            out = out * filter_attention.reshape(n, c_out, 1, 1)
+    if bias is not None:
+        out = out + bias.to(out.dtype).reshape(1, c_out, 1, 1)
+    return out
+
+
+def odconv2d_loop(
+    x: Tensor,
+    weight: Tensor,
+    channel_attention: Tensor | None = None,
+    filter_attention: Tensor | None = None,
+    spatial_attention: Tensor | None = None,
+    kernel_attention: Tensor | None = None,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+) -> Tensor:
+    """Literal reference for :func:`odconv2d`, written as the paper's sum.
+
+    For every sample and every kernel ``i`` it forms
+    ``alpha_w[i] * alpha_f[o] * alpha_c[c] * alpha_s * W_i[o, c]`` filter by filter
+    and input channel by input channel (tracking which input channel of the layer
+    channel ``c`` of group ``q`` is), sums over ``i``, and convolves the sample with
+    ``F.conv2d``. Slow on purpose; used by the tests and chapter 4.
+
+    Args and returns as for :func:`odconv2d` (without ``order``).
+    """
+    atts = (channel_attention, filter_attention, spatial_attention, kernel_attention)
+    stride, padding, dilation, groups, _ = _check_functional(
+        x, weight, atts, bias, stride, padding, dilation, groups, "odconv2d_loop"
+    )
+    kernel_num, c_out, c_in_g, kh, kw = weight.shape
+    per_group = c_out // groups
+    outputs = []
+    for b in range(x.shape[0]):
+        filters = []
+        for o in range(c_out):
+            q = o // per_group  # the group of filter o
+            rows = []
+            for c in range(c_in_g):
+                tap = torch.zeros_like(weight[0, 0, 0])
+                for i in range(kernel_num):
+                    a = weight[i, o, c]
+                    if kernel_attention is not None:
+                        a = kernel_attention[b, i] * a
+                    if filter_attention is not None:
+                        a = filter_attention[b, o] * a
+                    if channel_attention is not None:
+                        a = channel_attention[b, q * c_in_g + c] * a
+                    if spatial_attention is not None:
+                        a = spatial_attention[b] * a
+                    tap = tap + a
+                rows.append(tap)
+            filters.append(torch.stack(rows))
+        kernel_b = torch.stack(filters)
+        outputs.append(
+            F.conv2d(x[b : b + 1], kernel_b, bias, stride, padding, dilation, groups)
+        )
+    if not outputs:
+        return odconv2d(x, weight, *atts, bias, stride, padding, dilation, groups)
+    return torch.cat(outputs)
+
+
+# --- the attention branch ----------------------------------------------------------
+
+
+class ODAttention(nn.Module):
+    """The shared squeeze branch and the four heads of ODConv.
+
+    ``GAP -> Linear(C_in, h, no bias) -> BatchNorm -> ReLU`` gives ``a``, then
+
+    * channel: ``sigmoid(Linear(h, C_in)(a) / T)``;
+    * filter: ``sigmoid(Linear(h, C_out)(a) / T)``, absent for a depthwise layer
+      (``C_in == groups == C_out``);
+    * spatial: ``sigmoid(Linear(h, kH*kW)(a) / T)``, absent for a 1x1 kernel;
+    * kernel: ``softmax(Linear(h, n)(a) / T)`` over the kernels, absent for ``n = 1``;
+
+    with hidden width ``h = max(int(C_in * reduction), min_channel)``. Parameter
+    names follow the official ``Attention`` module (``fc``, ``bn``, ``channel_fc``,
+    ``filter_fc``, ``spatial_fc``, ``kernel_fc``); the official code uses 1x1
+    convolutions on ``Tensor[N, C, 1, 1]``, here they are ``nn.Linear`` on
+    ``Tensor[N, C]`` (same parameters, official 4-D weights reshape to 2-D), which
+    also keeps :func:`refimpl.models.convert_conv2d` away from them.
+
+    With ``norm=None`` the BatchNorm is left out and ``fc`` gets a bias instead
+    (the shift BatchNorm would have provided): then no sample depends on the
+    others, and batch size 1 trains.
+
+    Args:
+        in_channels, out_channels: channels of the convolution.
+        kernel_size: ``(kH, kW)``.
+        groups: groups of the convolution (for the depthwise test).
+        kernel_num: number of kernels ``n``.
+        reduction, min_channel: hidden width, see above.
+        norm: ``"batch"`` or ``None``.
+        device, dtype: factory keyword arguments.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        groups: int,
+        kernel_num: int,
+        reduction: float,
+        min_channel: int,
+        norm: str | None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.hidden = max(int(in_channels * reduction), min_channel)
+        self.fc = nn.Linear(in_channels, self.hidden, bias=norm is None, **kw)
+        self.bn = nn.BatchNorm1d(self.hidden, **kw) if norm == "batch" else None
+        self.channel_fc = nn.Linear(self.hidden, in_channels, **kw)
+        depthwise = in_channels == groups and in_channels == out_channels
+        self.filter_fc = (
+            None if depthwise else nn.Linear(self.hidden, out_channels, **kw)
+        )
+        taps = kernel_size[0] * kernel_size[1]
+        self.kernel_size = kernel_size
+        self.spatial_fc = None if taps == 1 else nn.Linear(self.hidden, taps, **kw)
+        self.kernel_fc = (
+            None if kernel_num == 1 else nn.Linear(self.hidden, kernel_num, **kw)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official initialisation: Kaiming-normal (fan_out, ReLU), zero biases."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm1d):
+                m.reset_running_stats()
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor, temperature: float = 1.0) -> ODAttentions:
+        """``Tensor[N, C_in, H, W]`` -> :class:`ODAttentions` at temperature ``T``."""
+        a = self.fc(x.mean(dim=(2, 3)))
+        if self.bn is not None:
+            a = self.bn(a)
+        a = F.relu(a)
+
+        def squash(head):
+            return None if head is None else torch.sigmoid(head(a) / temperature)
+
+        spatial = squash(self.spatial_fc)
+        if spatial is not None:
+            spatial = spatial.reshape(-1, *self.kernel_size)
+        kernel = None
+        if self.kernel_fc is not None:
+            kernel = torch.softmax(self.kernel_fc(a) / temperature, dim=1)
+        return ODAttentions(
+            squash(self.channel_fc), squash(self.filter_fc), spatial, kernel
+        )
+
+
+# --- the module --------------------------------------------------------------------
+
+
+class ODConv2d(nn.Module):
+    """Omni-dimensional dynamic convolution, a drop-in for ``nn.Conv2d``.
+
+    Li, Zhou, Yao, "Omni-Dimensional Dynamic Convolution", ICLR 2022,
+    arXiv:2209.07947; derived in chapter 4. A bank of ``kernel_num`` kernels
+    ``Tensor[n, C_out, C_in/groups, kH, kW]`` is modulated per sample by four
+    attentions from one squeeze branch (:class:`ODAttention`) and applied by
+    :func:`odconv2d`.
+
+    Defaults are the official code's: ``kernel_num=4``, ``reduction=1/16``, hidden
+    width at least ``min_channel=16``, BatchNorm in the attention branch, kernels
+    initialised Kaiming-normal (fan_out, ReLU) one by one, temperature 1.
+
+    Temperature: :attr:`temperature` divides every attention logit. The official
+    training anneals it per iteration from 30 to 1 over the first 10 epochs
+    (:func:`refimpl.dynamic_conv.temperature_schedule`) and evaluates at 1. Set it
+    with ``layer.temperature = value`` or, as in the official code,
+    ``layer.update_temperature(value)``.
+
+    BatchNorm in the attention branch (``attention_norm="batch"``, the official
+    design) has two consequences: in training mode a sample's attentions, hence
+    its output, depend on the other samples of the batch; and a batch of one
+    sample cannot be normalised. The official code then fails inside PyTorch;
+    this module raises a ``ValueError`` that names the way out,
+    ``attention_norm=None``, which drops the BatchNorm (and gives ``fc`` a bias):
+    every sample is then computed on its own, in any mode and at any batch size.
+    In eval mode both variants are batch independent.
+
+    Deviations from the official code: ``bias=True`` adds a static bias after the
+    filter attention (the official module has no bias; a ResNet converted with
+    :func:`refimpl.models.convert_conv2d` keeps its convolutions' ``bias=False``);
+    rectangular kernels are accepted; the order in which the channel and filter
+    attentions are applied is chosen from the shapes (``order``), the official
+    code always uses ``"feature"``; the attention FCs are ``nn.Linear``.
+
+    Args:
+        in_channels, out_channels, kernel_size: as for ``nn.Conv2d``.
+        stride, padding, dilation, groups, bias: as for ``nn.Conv2d`` (see
+            above for the bias).
+        kernel_num: number of kernels ``n`` (the "1x" and "4x" of the paper).
+        reduction: hidden width of the attention branch as a fraction of
+            ``in_channels``.
+        min_channel: smallest hidden width.
+        attention_norm: ``"batch"`` (official) or ``None`` / ``"none"``.
+        temperature: initial temperature (official: 1.0).
+        order: ``"auto"``, ``"kernel"`` or ``"feature"``, see :func:`odconv2d`.
+        device, dtype: factory keyword arguments, as in ``nn.Conv2d``.
+
+    Shapes:
+        ``Tensor[N, C_in, H, W] -> Tensor[N, C_out, H_out, W_out]``.
+
+    Raises:
+        TypeError, ValueError: bad arguments or input (before any computation);
+            ``ValueError`` for a batch of one sample in training mode with
+            ``attention_norm="batch"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        *,
+        kernel_num: int = 4,
+        reduction: float = 0.0625,
+        min_channel: int = 16,
+        attention_norm: str | None = "batch",
+        temperature: float = 1.0,
+        order: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = check_positive_int(in_channels, "in_channels", owner=_OWNER)
+        self.out_channels = check_positive_int(
+            out_channels, "out_channels", owner=_OWNER
+        )
+        self.kernel_size = pair(kernel_size, "kernel_size", owner=_OWNER)
+        self.stride = pair(stride, "stride", owner=_OWNER)
+        self.padding = pair(padding, "padding", owner=_OWNER, minimum=0)
+        self.dilation = pair(dilation, "dilation", owner=_OWNER)
+        check_groups(in_channels, out_channels, groups, owner=_OWNER)
+        self.groups = groups
+        if not isinstance(bias, bool):
+            raise TypeError(f"{_OWNER} expected bias to be a bool, got {bias!r}")
+        self.kernel_num = check_positive_int(kernel_num, "kernel_num", owner=_OWNER)
+        if isinstance(reduction, bool) or not isinstance(reduction, (int, float)):
+            raise TypeError(
+                f"{_OWNER} expected reduction to be a float, got {reduction!r}"
+            )
+        if not (math.isfinite(reduction) and reduction > 0):
+            raise ValueError(f"{_OWNER} expected reduction > 0, got {reduction!r}")
+        self.reduction = float(reduction)
+        self.min_channel = check_positive_int(min_channel, "min_channel", owner=_OWNER)
+        if attention_norm == "none":
+            attention_norm = None
+        if attention_norm not in ("batch", None):
+            raise ValueError(
+                f"{_OWNER} expected attention_norm 'batch' or None ('none'), got "
+                f"{attention_norm!r}"
+            )
+        self.attention_norm = attention_norm
+        if order not in _ORDERS:
+            raise ValueError(f"{_OWNER} expected order in {_ORDERS}, got {order!r}")
+        self.order = order
+        self.temperature = temperature
+
+        kw = {"device": device, "dtype": dtype}
+        self.attention = ODAttention(
+            in_channels, out_channels, self.kernel_size, groups, self.kernel_num,
+            self.reduction, self.min_channel, attention_norm, **kw,
+        )
+        self.weight = nn.Parameter(
+            torch.empty(
+                kernel_num, out_channels, in_channels // groups, *self.kernel_size, **kw
+            )
+        )
+        self.bias = nn.Parameter(torch.empty(out_channels, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official initialisation; the static bias (an addition) starts at zero."""
+        for i in range(self.kernel_num):
+            nn.init.kaiming_normal_(self.weight[i], mode="fan_out", nonlinearity="relu")
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        self.attention.reset_parameters()
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, **kwargs) -> ODConv2d:
+        """A freshly initialised ODConv with the geometry of ``conv``.
+
+        Copies channels, kernel size, stride, padding, dilation, groups, whether
+        there is a bias, device and dtype; ``kwargs`` go to the constructor
+        (``kernel_num=4``, ...). The weights are *not* copied: the official
+        networks train ODConv from scratch. The mode (train/eval) follows ``conv``.
+        Use it as the factory of :func:`refimpl.models.convert_conv2d`.
+
+        Raises:
+            TypeError: if ``conv`` is not an ``nn.Conv2d``.
+            ValueError: for string padding (``"same"``) or a padding mode other
+                than ``"zeros"``, which ODConv does not implement.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(
+                f"{_OWNER}.from_conv2d expected an nn.Conv2d, got {type(conv).__name__}"
+            )
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError(
+                f"{_OWNER}.from_conv2d expected numeric zero padding, got "
+                f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
+            )
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+            conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+            device=conv.weight.device, dtype=conv.weight.dtype, **kwargs,
+        )
+        return layer.train(conv.training)
+
+    @property
+    def temperature(self) -> float:
+        """Softmax/sigmoid temperature ``T > 0`` dividing every attention logit."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"{_OWNER} expected temperature to be a float, got "
+                f"{type(value).__name__} {value!r}"
+            )
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"{_OWNER} expected temperature > 0 and finite, got {value!r}"
+            )
+        self._temperature = float(value)
+
+    def get_extra_state(self) -> dict:
+        """The temperature, saved in the state dict next to the parameters."""
+        return {"temperature": self._temperature}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore the temperature saved by :meth:`get_extra_state`."""
+        if not isinstance(state, dict) or "temperature" not in state:
+            raise ValueError(
+                f"{_OWNER} expected extra state {{'temperature': float}}, got {state!r}"
+            )
+        self.temperature = state["temperature"]
+
+    def update_temperature(self, temperature: float) -> None:
+        """Set :attr:`temperature` (the official code's name for it)."""
+        self.temperature = temperature
+
+    def attentions(self, x: Tensor) -> ODAttentions:
+        """The four attentions (:class:`ODAttentions`) for ``Tensor[N, C_in, H, W]``."""
+        self._check_input(x)
+        return self.attention(x, self.temperature)
+
+    def resolve_order(self, input_shape: Sequence[int]) -> str:
+        """``"kernel"`` or ``"feature"``: the order a forward on this shape uses."""
+        if self.order != "auto":
+            return self.order
+        n, _, h, w = input_shape
+        size = _output_size(
+            h, w, *self.kernel_size, self.stride, self.padding, self.dilation, _OWNER
+        )
+        a = self.attention
+        return choose_order(
+            input_shape, self.weight.shape, size, channel=True,
+            filter=a.filter_fc is not None, spatial=a.spatial_fc is not None,
+            kernel=a.kernel_fc is not None,
+        )
+
+    def _check_input(self, x: Tensor) -> None:
+        check_float_tensor(x, "input", owner=_OWNER, ndim=4)
+        check_channels(x, self.in_channels, owner=_OWNER)
+        _output_size(
+            x.shape[2], x.shape[3], *self.kernel_size, self.stride, self.padding,
+            self.dilation, _OWNER,
+        )
+        if self.training and self.attention.bn is not None and x.shape[0] == 1:
+            raise ValueError(
+                f"{_OWNER} with attention_norm='batch' cannot train on a batch of 1 "
+                f"sample: the attention BatchNorm needs at least 2 samples to compute "
+                f"batch statistics. Use a batch of 2 or more, call .eval(), or build "
+                f"the layer with attention_norm=None (no BatchNorm in the attention)"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``Tensor[N, C_in, H, W] -> Tensor[N, C_out, H_out, W_out]``."""
+        att = self.attentions(x)
+        return odconv2d(
+            x, self.weight, *att, self.bias, self.stride, self.padding,
+            self.dilation, self.groups, order=self.resolve_order(x.shape),
+        )
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}"
+        )
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        s += (
+            f", kernel_num={self.kernel_num}, reduction={self.reduction}, "
+            f"hidden={self.attention.hidden}, attention_norm={self.attention_norm!r}, "
+            f"temperature={self.temperature:g}, order={self.order!r}"
+        )
+        return s

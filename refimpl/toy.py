@@ -1,0 +1,353 @@
+"""A small, fast training experiment shared by the chapters on dynamic kernels.
+
+Chapters 2 to 4 compare a static convolution with CondConv, DynamicConv and ODConv
+on the same toy task, trained in seconds on a CPU. Three pieces:
+
+* :func:`make_oriented_textures`: a synthetic image-classification data set of
+  oriented gratings whose spatial frequency, phase and contrast vary from image
+  to image (the class is the orientation only), drawn from a ``torch.Generator``;
+* :class:`TinyCNN`: a four-layer CNN whose convolutions after the stem come from
+  a ``conv_factory(in_channels, out_channels, kernel_size, stride, padding)``
+  callable, so the same network is built with ``nn.Conv2d``, ``CondConv2d``,
+  ``DynamicConv2d`` or ``ODConv2d``;
+* :func:`train`: Adam on the cross-entropy, returning a :class:`History` of the
+  training loss and test accuracy per epoch, with hooks for temperature
+  schedules.
+
+Typical use (chapter 3)::
+
+    g = torch.Generator().manual_seed(0)
+    data = make_oriented_textures(generator=g).to(device)
+    torch.manual_seed(0)
+    model = TinyCNN(DynamicConv2d, num_classes=data.num_classes).to(device)
+    history = train(model, data, epochs=8, lr=3e-3, batch_size=64, generator=g,
+                    on_iteration_start=lambda m, e: set_temperature(
+                        m, temperature_schedule(e, anneal_epochs=4)))
+
+Why this task: a grating of one orientation looks very different at a low and at
+a high frequency, so a static filter bank must cover every frequency at once,
+while an input-dependent kernel can adapt to the frequency it sees, which a
+global average of the stem's features reveals. It is a plausible setting for
+dynamic kernels, not evidence about ImageNet (chapter 3 discusses what it can
+and cannot show).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._validation import check_positive_int
+
+__all__ = ["ToyData", "make_oriented_textures", "TinyCNN", "History", "train",
+           "evaluate"]
+
+
+@dataclasses.dataclass
+class ToyData:
+    """A train/test split of images and integer labels.
+
+    Attributes:
+        train_x: ``Tensor[N_train, 1, S, S]``, float32.
+        train_y: ``Tensor[N_train]``, int64 labels in ``[0, num_classes)``.
+        test_x: ``Tensor[N_test, 1, S, S]``.
+        test_y: ``Tensor[N_test]``.
+        num_classes: the number of classes.
+    """
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+
+    def to(self, device: torch.device | str) -> ToyData:
+        """A copy with every tensor moved to ``device``."""
+        return dataclasses.replace(
+            self,
+            train_x=self.train_x.to(device), train_y=self.train_y.to(device),
+            test_x=self.test_x.to(device), test_y=self.test_y.to(device),
+        )
+
+
+def _gratings(labels: Tensor, size: int, num_classes: int, noise: float,
+              generator: torch.Generator) -> Tensor:
+    n = labels.shape[0]
+
+    def uniform(low: float, high: float) -> Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    # orientations in [0, pi): a grating at theta and theta + pi is the same image
+    step = math.pi / num_classes
+    theta = labels * step + uniform(-0.2, 0.2) * step
+    frequency = uniform(0.06, 0.42)  # cycles per pixel: 2 to 7 periods per image
+    phase = uniform(0.0, 2 * math.pi)
+    contrast = uniform(0.5, 1.5)
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    along = (xx * torch.cos(theta)[:, None, None]
+             + yy * torch.sin(theta)[:, None, None])
+    images = contrast[:, None, None] * torch.cos(
+        2 * math.pi * frequency[:, None, None] * along + phase[:, None, None]
+    )
+    images = images + noise * torch.randn(n, size, size, generator=generator)
+    return images.unsqueeze(1)
+
+
+def make_oriented_textures(
+    *,
+    generator: torch.Generator,
+    num_train: int = 2048,
+    num_test: int = 1024,
+    size: int = 16,
+    num_classes: int = 8,
+    noise: float = 0.8,
+) -> ToyData:
+    """Synthetic oriented-grating classification, drawn from ``generator``.
+
+    Image ``i`` of class ``c`` is ``a cos(2 pi f <p, u(theta)> + phi) + noise``
+    on a ``size x size`` grid centred at zero, where the orientation
+    ``theta = c pi / num_classes`` (jittered by up to a fifth of the class
+    spacing) is the only thing the label depends on; the frequency ``f`` (0.06
+    to 0.42 cycles per pixel), phase ``phi`` and contrast ``a`` (0.5 to 1.5)
+    are drawn anew for every image, and Gaussian pixel noise of standard
+    deviation ``noise`` is added. Classes are balanced: label ``i`` is
+    ``i % num_classes`` before shuffling, so counts differ by at most one.
+
+    The tensors are created on the CPU (float32 images, int64 labels); move them
+    with :meth:`ToyData.to`. The same generator state gives the same data.
+
+    Args:
+        generator: a CPU ``torch.Generator``; it is advanced.
+        num_train: training images.
+        num_test: test images.
+        size: image side ``S`` in pixels (``>= 4``).
+        num_classes: orientations, evenly spaced in ``[0, pi)`` (``>= 2``).
+        noise: standard deviation of the pixel noise (``>= 0``).
+
+    Returns:
+        A :class:`ToyData` with ``train_x: Tensor[num_train, 1, S, S]`` etc.
+
+    Raises:
+        TypeError: if ``generator`` is not a ``torch.Generator`` or a count is
+            not an int.
+        ValueError: for counts or sizes out of range, or a negative noise.
+    """
+    owner = "make_oriented_textures"
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{owner} expected generator to be a torch.Generator, got "
+            f"{type(generator).__name__}"
+        )
+    check_positive_int(num_train, "num_train", owner=owner)
+    check_positive_int(num_test, "num_test", owner=owner)
+    check_positive_int(size, "size", owner=owner, minimum=4)
+    check_positive_int(num_classes, "num_classes", owner=owner, minimum=2)
+    if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
+        raise ValueError(f"{owner} expected noise >= 0, got {noise!r}")
+
+    def split(n: int) -> tuple[Tensor, Tensor]:
+        labels = torch.arange(n) % num_classes
+        labels = labels[torch.randperm(n, generator=generator)]
+        return _gratings(labels, size, num_classes, float(noise), generator), labels
+
+    train_x, train_y = split(num_train)
+    test_x, test_y = split(num_test)
+    return ToyData(train_x, train_y, test_x, test_y, num_classes)
+
+
+class TinyCNN(nn.Module):
+    """A four-convolution CNN whose convolutions after the stem are pluggable.
+
+    Layout for ``width = w`` on ``Tensor[N, in_channels, S, S]``::
+
+        stem   nn.Conv2d(in, w, 3, 1, 1)            + BN + ReLU   S
+        conv1  conv_factory(w, 2w, 3, 2, 1)         + BN + ReLU   S/2
+        conv2  conv_factory(2w, 2w, 3, 1, 1)        + BN + ReLU   S/2
+        conv3  conv_factory(2w, 4w, 3, 2, 1)        + BN + ReLU   S/4
+        global average pooling, nn.Linear(4w, num_classes)
+
+    The stem stays static, as in the DY-CNN paper, which makes every layer but
+    the first dynamic. ``conv_factory`` is called positionally as
+    ``conv_factory(in_channels, out_channels, kernel_size, stride, padding)``,
+    so ``nn.Conv2d``, :class:`refimpl.condconv.CondConv2d`,
+    :class:`refimpl.dynamic_conv.DynamicConv2d` or a ``functools.partial`` of
+    them fit directly.
+
+    Args:
+        conv_factory: builds each non-stem convolution (default ``nn.Conv2d``).
+        num_classes: outputs of the classifier.
+        width: channels of the stem, ``w``.
+        in_channels: image channels.
+
+    Shapes:
+        ``Tensor[N, in_channels, S, S] -> Tensor[N, num_classes]`` (logits).
+    """
+
+    def __init__(
+        self,
+        conv_factory: Callable[..., nn.Module] = nn.Conv2d,
+        *,
+        num_classes: int = 8,
+        width: int = 8,
+        in_channels: int = 1,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        if not callable(conv_factory):
+            raise TypeError(
+                f"{owner} expected conv_factory to be callable, got "
+                f"{type(conv_factory).__name__}"
+            )
+        check_positive_int(num_classes, "num_classes", owner=owner)
+        check_positive_int(width, "width", owner=owner)
+        check_positive_int(in_channels, "in_channels", owner=owner)
+        w = width
+
+        def block(conv: nn.Module, channels: int) -> nn.Sequential:
+            return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.ReLU())
+
+        self.features = nn.Sequential(
+            block(nn.Conv2d(in_channels, w, 3, 1, 1), w),
+            block(conv_factory(w, 2 * w, 3, 2, 1), 2 * w),
+            block(conv_factory(2 * w, 2 * w, 3, 1, 1), 2 * w),
+            block(conv_factory(2 * w, 4 * w, 3, 2, 1), 4 * w),
+        )
+        self.classifier = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``Tensor[N, in_channels, S, S] -> Tensor[N, num_classes]``."""
+        return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+
+@dataclasses.dataclass
+class History:
+    """What :func:`train` records.
+
+    Attributes:
+        train_loss: mean training cross-entropy of each epoch.
+        test_accuracy: test accuracy (a fraction in ``[0, 1]``) after each epoch.
+        seconds: wall-clock time of the whole training.
+    """
+
+    train_loss: list[float]
+    test_accuracy: list[float]
+    seconds: float
+
+    @property
+    def final_accuracy(self) -> float:
+        """Test accuracy after the last epoch."""
+        return self.test_accuracy[-1]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
+    """Accuracy of ``model`` on ``(x, y)`` in evaluation mode, a float in ``[0, 1]``.
+
+    The model's training/evaluation mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    correct = x.new_zeros((), dtype=torch.int64)
+    for i in range(0, x.shape[0], batch_size):
+        logits = model(x[i : i + batch_size])
+        correct += (logits.argmax(dim=1) == y[i : i + batch_size]).sum()
+    model.train(was_training)
+    return correct.item() / max(x.shape[0], 1)
+
+
+def train(
+    model: nn.Module,
+    data: ToyData,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+    on_epoch_start: Callable[[nn.Module, int], None] | None = None,
+    on_iteration_start: Callable[[nn.Module, float], None] | None = None,
+) -> History:
+    """Train ``model`` on ``data`` with Adam and the cross-entropy loss.
+
+    The learning rate starts at ``lr`` and decays to zero along a cosine over
+    all steps. Each epoch shuffles the training set with ``generator`` (so a seeded
+    generator and a seeded model give a reproducible run on the CPU), takes
+    ``ceil(N_train / batch_size)`` Adam steps, then measures the test accuracy
+    with :func:`evaluate`. ``data`` must already be on the model's device.
+
+    Hooks, for temperature schedules (chapter 3):
+
+    * ``on_epoch_start(model, epoch)`` before epoch ``epoch = 0, 1, ...``;
+    * ``on_iteration_start(model, progress)`` before every step, where
+      ``progress = epoch + i / steps_per_epoch`` is the fractional number of
+      epochs done. ODConv's official code uses ``(i + 1)`` instead of ``i``;
+      pass ``progress + 1 / steps_per_epoch`` to the schedule to match it.
+
+    Args:
+        model: the network, in any device and float dtype matching ``data``.
+        data: the :class:`ToyData` to fit and test on.
+        epochs: number of passes over the training set.
+        lr: Adam learning rate.
+        batch_size: samples per step.
+        generator: CPU ``torch.Generator`` for the shuffling; it is advanced.
+        on_epoch_start: optional hook, see above.
+        on_iteration_start: optional hook, see above.
+
+    Returns:
+        A :class:`History`.
+
+    Raises:
+        TypeError, ValueError: for malformed arguments, before training starts.
+    """
+    owner = "train"
+    check_positive_int(epochs, "epochs", owner=owner)
+    check_positive_int(batch_size, "batch_size", owner=owner)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"{owner} expected lr > 0, got {lr!r}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{owner} expected generator to be a torch.Generator, got "
+            f"{type(generator).__name__}"
+        )
+    if not isinstance(data, ToyData):
+        raise TypeError(
+            f"{owner} expected data to be a ToyData, got {type(data).__name__}"
+        )
+    for name, hook in (("on_epoch_start", on_epoch_start),
+                       ("on_iteration_start", on_iteration_start)):
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{owner} expected {name} to be callable or None")
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    n = data.train_x.shape[0]
+    steps = math.ceil(n / batch_size)
+    # cosine decay to zero: the last epochs settle instead of hopping around
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps)
+    history = History([], [], 0.0)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(model, epoch)
+        model.train()
+        order = torch.randperm(n, generator=generator).to(data.train_x.device)
+        total = data.train_x.new_zeros((), dtype=torch.float64)
+        for i in range(steps):
+            if on_iteration_start is not None:
+                on_iteration_start(model, epoch + i / steps)
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.detach().double() * idx.shape[0]
+        history.train_loss.append(total.item() / n)
+        history.test_accuracy.append(evaluate(model, data.test_x, data.test_y))
+    history.seconds = time.perf_counter() - start
+    return history

@@ -1,0 +1,362 @@
+"""Helpers the chapters share for showing code and drawing figures.
+
+The book displays the tested source of ``refimpl`` with :func:`show_source`
+instead of a copy of it, so the page can never drift from the code. The plotting
+helpers give every chapter the same look: :func:`use_book_style` (fonts, layout,
+colour map), :data:`COLORS` (one colour per role: input, padding, kernel,
+output), :func:`plot_heatmap` and :func:`plot_image_grid` for kernels, spectra
+and feature maps, and :func:`plot_sliding_window` for the geometry of a
+convolution (chapter 1). Matplotlib is imported only when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+from collections.abc import Mapping
+
+__all__ = [
+    "show_source",
+    "source_of",
+    "COLORS",
+    "BOOK_STYLE",
+    "use_book_style",
+    "plot_heatmap",
+    "plot_image_grid",
+    "plot_sliding_window",
+    "role_handles",
+]
+
+
+def source_of(obj: object) -> str:
+    """Return the dedented source code of a function, class or method."""
+    try:
+        return textwrap.dedent(inspect.getsource(obj))
+    except (TypeError, OSError) as err:
+        raise TypeError(
+            f"show_source expected a function, class or method defined in Python "
+            f"source, got {obj!r}"
+        ) from err
+
+
+def show_source(obj: object, *, docstring: bool = True):
+    """Display the source of ``obj`` in a notebook as a highlighted code block.
+
+    Returns an ``IPython.display.Markdown`` object holding a fenced ``python``
+    block; the book's renderer turns it into highlighted code. With
+    ``docstring=False`` the docstring of a function or class is left out, which
+    keeps long listings focused on the computation.
+    """
+    from IPython.display import Markdown  # IPython is only needed in notebooks
+
+    source = source_of(obj)
+    if not docstring:
+        source = _strip_docstring(source, inspect.getdoc(obj))
+    return Markdown(f"```python\n{source.rstrip()}\n```")
+
+
+def _strip_docstring(source: str, doc: str | None) -> str:
+    if not doc:
+        return source
+    lines = source.splitlines(keepends=True)
+    for start, line in enumerate(lines):
+        stripped = line.lstrip()
+        if stripped.startswith(('"""', "'''", 'r"""')):
+            quote = '"""' if '"""' in stripped else "'''"
+            end = start
+            # a one-line docstring closes on its own line
+            if stripped.count(quote) < 2:
+                end = next(i for i in range(start + 1, len(lines)) if quote in lines[i])
+            return "".join(lines[:start] + lines[end + 1 :])
+    return source
+
+
+# --- figures ----------------------------------------------------------------------
+
+COLORS = {
+    "input": "#9ecae1",
+    "padding": "#e0e0e0",
+    "kernel": "#f28e2b",
+    "output": "#a1d99b",
+    "current": "#31a354",
+}
+"""One colour per role, shared by every geometric figure of the book."""
+
+BOOK_STYLE = {
+    "figure.dpi": 100,
+    "figure.figsize": (6.4, 4.0),
+    "figure.constrained_layout.use": True,
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": False,
+    "legend.fontsize": 9,
+    "legend.frameon": False,
+    "image.cmap": "viridis",
+    "image.interpolation": "nearest",
+}
+"""Matplotlib ``rcParams`` applied by :func:`use_book_style`."""
+
+
+def use_book_style() -> None:
+    """Apply :data:`BOOK_STYLE` to matplotlib, for every later figure."""
+    import matplotlib as mpl
+
+    mpl.rcParams.update(BOOK_STYLE)
+
+
+def _as_array(data):
+    import numpy as np
+    import torch
+
+    if isinstance(data, torch.Tensor):
+        # plotting is not a forward pass: a host copy is fine here
+        return data.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(data, dtype=float)
+
+
+def plot_heatmap(
+    data,
+    *,
+    ax=None,
+    title: str | None = None,
+    cmap: str | None = None,
+    colorbar: bool = True,
+    label: str | None = None,
+    symmetric: bool = False,
+    annotate: bool = False,
+    extent: tuple[float, float, float, float] | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+):
+    """Draw a 2-D array as an image with a colour bar; return the figure.
+
+    Args:
+        data: ``Tensor[H, W]`` or array-like.
+        ax: axes to draw into (default: a new figure).
+        title: axes title.
+        cmap: colour map (default: ``"RdBu_r"`` if ``symmetric`` else the style's).
+        colorbar: add a colour bar, labelled ``label``.
+        label: colour-bar label, e.g. ``"weight"`` or ``"|K|"``.
+        symmetric: centre the colour scale on zero (for signed kernels).
+        annotate: write each value in its cell (for small kernels).
+        extent: ``(left, right, bottom, top)`` data coordinates of the image, e.g.
+            frequencies; with it the axes keep their ticks.
+        xlabel, ylabel: axis labels.
+
+    Returns:
+        The ``matplotlib.figure.Figure`` holding ``ax``.
+
+    Raises:
+        ValueError: if ``data`` is not 2-D.
+    """
+    import matplotlib.pyplot as plt
+
+    values = _as_array(data)
+    if values.ndim != 2:
+        raise ValueError(
+            f"plot_heatmap expected 2-D data, got {values.ndim} dimensions "
+            f"(shape {values.shape})"
+        )
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.2, 2.8))
+    kwargs = {}
+    if symmetric:
+        bound = float(abs(values).max()) or 1.0
+        kwargs = {"vmin": -bound, "vmax": bound}
+    if extent is not None:
+        kwargs["extent"] = extent
+    image = ax.imshow(values, cmap=cmap or ("RdBu_r" if symmetric else None), **kwargs)
+    if extent is None:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if annotate:
+        for (r, c), v in _enumerate2d(values):
+            red, green, blue, _ = image.cmap(image.norm(v))
+            dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+            ax.text(c, r, f"{v:.2g}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
+    if colorbar:
+        bar = ax.figure.colorbar(image, ax=ax, shrink=0.85)
+        if label:
+            bar.set_label(label)
+    return ax.figure
+
+
+def _enumerate2d(values):
+    for r in range(values.shape[0]):
+        for c in range(values.shape[1]):
+            yield (r, c), values[r, c]
+
+
+def plot_image_grid(
+    images: Mapping[str, object],
+    *,
+    ncols: int | None = None,
+    suptitle: str | None = None,
+    label: str | None = None,
+    symmetric: bool = False,
+    cmap: str | None = None,
+    annotate: bool = False,
+    panel_size: float = 2.6,
+):
+    """Draw several 2-D arrays side by side, each titled and with a colour bar.
+
+    Args:
+        images: ``{title: Tensor[H, W]}``, drawn in order, row by row.
+        ncols: panels per row (default: all in one row).
+        suptitle: title of the whole figure.
+        label, symmetric, cmap, annotate: as in :func:`plot_heatmap`.
+        panel_size: inches per panel.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+    """
+    import matplotlib.pyplot as plt
+
+    if not images:
+        raise ValueError("plot_image_grid expected at least one image, got none")
+    n = len(images)
+    ncols = ncols or n
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(panel_size * ncols * 1.15, panel_size * nrows),
+        squeeze=False,
+    )
+    for ax, (title, data) in zip(axes.flat, images.items()):
+        plot_heatmap(
+            data, ax=ax, title=title, label=label, symmetric=symmetric, cmap=cmap,
+            annotate=annotate,
+        )
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+def plot_sliding_window(
+    input_size,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    *,
+    position: tuple[int, int] = (0, 0),
+    ax=None,
+    title: str | None = None,
+    legend: bool = True,
+):
+    """Draw where one output pixel of a convolution takes its inputs from.
+
+    Left: the input (blue) surrounded by its zero padding (grey), with the
+    ``kH x kW`` kernel taps (orange) that output pixel ``position`` reads, spaced
+    ``dilation`` apart and placed ``stride`` pixels per output step. Right: the
+    output grid, whose size is :func:`refimpl.arithmetic.conv_output_size`, with
+    that pixel highlighted. Chapter 1 uses it for padding, stride and dilation.
+
+    Args:
+        input_size, kernel_size, stride, padding, dilation: ints or pairs, as for
+            ``nn.Conv2d``.
+        position: ``(row, column)`` of the output pixel to highlight.
+        ax: axes to draw into (default: a new figure).
+        title: axes title (default: the layer's arguments and output size).
+        legend: add the legend naming the four roles.
+
+    Returns:
+        The ``matplotlib.figure.Figure`` holding ``ax``.
+
+    Raises:
+        ValueError: if ``position`` lies outside the output.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from ._validation import pair
+    from .arithmetic import conv_output_size
+
+    owner = "plot_sliding_window"
+    h, w = pair(input_size, "input_size", owner=owner)
+    kh, kw = pair(kernel_size, "kernel_size", owner=owner)
+    sh, sw = pair(stride, "stride", owner=owner)
+    ph, pw = pair(padding, "padding", owner=owner, minimum=0)
+    dh, dw = pair(dilation, "dilation", owner=owner)
+    h_out, w_out = conv_output_size((h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    row, col = position
+    if not (0 <= row < h_out and 0 <= col < w_out):
+        raise ValueError(
+            f"{owner} expected position inside the {h_out}x{w_out} output, got "
+            f"{position}"
+        )
+    if ax is None:
+        width = 0.32 * (w + 2 * pw + w_out + 2)
+        _, ax = plt.subplots(figsize=(width, 0.32 * (h + 2 * ph) + 1.2))
+
+    def cell(r, c, color, **kwargs):
+        ax.add_patch(
+            Rectangle((c, r), 1, 1, facecolor=color, edgecolor="white", **kwargs)
+        )
+
+    hp, wp = h + 2 * ph, w + 2 * pw
+    for r in range(hp):
+        for c in range(wp):
+            inside = ph <= r < ph + h and pw <= c < pw + w
+            cell(r, c, COLORS["input"] if inside else COLORS["padding"])
+    for u in range(kh):
+        for v in range(kw):
+            r, c = row * sh + u * dh, col * sw + v * dw
+            ax.add_patch(
+                Rectangle((c + 0.12, r + 0.12), 0.76, 0.76, facecolor=COLORS["kernel"],
+                          edgecolor="black", linewidth=0.8)
+            )
+    offset = wp + 1.5  # the output grid sits to the right of the input
+    top = (hp - h_out) / 2
+    for r in range(h_out):
+        for c in range(w_out):
+            current = (r, c) == (row, col)
+            ax.add_patch(Rectangle(
+                (offset + c, top + r), 1, 1,
+                edgecolor="black" if current else "white",
+                facecolor=COLORS["current"] if current else COLORS["output"],
+            ))
+    ax.set_xlim(-0.5, offset + w_out + 0.5)
+    ax.set_ylim(hp + 0.5, -0.5)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(title or (
+        f"k={_fmt(kh, kw)} s={_fmt(sh, sw)} p={_fmt(ph, pw)} d={_fmt(dh, dw)}: "
+        f"{h}x{w} -> {h_out}x{w_out}"
+    ))
+    if legend:
+        ax.legend(handles=role_handles(), loc="upper center",
+                  bbox_to_anchor=(0.5, 0.0), ncol=3)
+    return ax.figure
+
+
+def role_handles() -> list:
+    """Legend entries for the roles of :data:`COLORS` (input, padding, ...).
+
+    Pass them to ``fig.legend(handles=role_handles())`` to give a figure of
+    several :func:`plot_sliding_window` panels one shared legend.
+    """
+    from matplotlib.patches import Patch
+
+    return [
+        Patch(facecolor=COLORS["input"], label="input"),
+        Patch(facecolor=COLORS["padding"], label="zero padding"),
+        Patch(facecolor=COLORS["kernel"], edgecolor="black", label="kernel taps"),
+        Patch(facecolor=COLORS["output"], label="output"),
+        Patch(facecolor=COLORS["current"], edgecolor="black", label="current output"),
+    ]
+
+
+def _fmt(a: int, b: int) -> str:
+    return str(a) if a == b else f"({a},{b})"

@@ -1,0 +1,242 @@
+"""Tests of the shared per-sample convolution (batch folded into groups)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randn, tolerance
+
+from refimpl.per_sample import per_sample_conv2d, per_sample_conv2d_loop
+
+# (c_in, c_out, kernel, stride, padding, dilation, groups, size)
+GEOMETRIES = [
+    (3, 4, (3, 3), 1, 0, 1, 1, (7, 7)),
+    (4, 6, (3, 3), 2, 1, 1, 2, (9, 8)),
+    (6, 6, (3, 5), (1, 2), (2, 1), (2, 1), 3, (10, 11)),
+    (4, 8, (1, 1), 1, 0, 1, 4, (5, 5)),
+    (2, 3, (5, 2), 3, (0, 2), 1, 1, (12, 6)),
+    (4, 4, (2, 3), 1, 1, (1, 2), 4, (6, 9)),
+]
+
+
+def _data(
+    n,
+    c_in,
+    c_out,
+    kernel,
+    groups,
+    size,
+    dtype=torch.float64,
+    device="cpu",
+    grad=False,
+    bias=True,
+):
+    x = randn(n, c_in, *size, seed=1, dtype=dtype, device=device, requires_grad=grad)
+    w = randn(
+        n,
+        c_out,
+        c_in // groups,
+        *kernel,
+        seed=2,
+        dtype=dtype,
+        device=device,
+        requires_grad=grad,
+    )
+    b = (
+        randn(n, c_out, seed=3, dtype=dtype, device=device, requires_grad=grad)
+        if bias
+        else None
+    )
+    return x, w, b
+
+
+def _per_sample_reference(x, w, b, stride, padding, dilation, groups):
+    """Independent reference: plain F.conv2d on each sample, written out here."""
+    outs = []
+    for i in range(x.shape[0]):
+        bi = None if b is None else b[i]
+        outs.append(F.conv2d(x[i : i + 1], w[i], bi, stride, padding, dilation, groups))
+    return torch.cat(outs)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test of many tiny ops (gradcheck) on one CPU thread.
+
+    Thousands of convolutions of a few elements each spend their time in thread
+    synchronisation on a busy machine; one thread is many times faster there.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_batched_equals_loop_and_conv2d(geometry, bias, device):
+    c_in, c_out, kernel, stride, padding, dilation, groups, size = geometry
+    x, w, b = _data(3, c_in, c_out, kernel, groups, size, device=device, bias=bias)
+    args = (stride, padding, dilation, groups)
+    expected = _per_sample_reference(x, w, b, *args)
+    batched = per_sample_conv2d(x, w, b, *args)
+    loop = per_sample_conv2d_loop(x, w, b, *args)
+    torch.testing.assert_close(batched, expected, **tolerance(torch.float64))
+    torch.testing.assert_close(loop, expected, **tolerance(torch.float64))
+
+
+def test_samples_really_use_their_own_kernel():
+    # Swapping two samples' kernels must change exactly those two outputs.
+    x, w, b = _data(4, 3, 5, (3, 3), 1, (6, 6))
+    out = per_sample_conv2d(x, w, b, padding=1)
+    swapped = per_sample_conv2d(x, w[[1, 0, 2, 3]], b[[1, 0, 2, 3]], padding=1)
+    assert not torch.allclose(out[:2], swapped[:2])
+    torch.testing.assert_close(out[2:], swapped[2:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 33])
+def test_batch_sizes(n, device):
+    x, w, b = _data(n, 4, 6, (3, 3), 2, (5, 6), device=device)
+    out = per_sample_conv2d(x, w, b, 1, 1, 1, 2)
+    assert out.shape == (n, 6, 5, 6)
+    torch.testing.assert_close(
+        out,
+        _per_sample_reference(x, w, b, 1, 1, 1, 2) if n else out.new_zeros(0, 6, 5, 6),
+        **tolerance(torch.float64),
+    )
+    torch.testing.assert_close(
+        per_sample_conv2d_loop(x, w, b, 1, 1, 1, 2), out, **tolerance(torch.float64)
+    )
+
+
+def test_empty_batch_backward_reaches_weight():
+    x, w, b = _data(0, 4, 6, (3, 3), 1, (5, 5), grad=True)
+    per_sample_conv2d(x, w, b, padding=1).sum().backward()
+    assert w.grad is not None and w.grad.shape == w.shape
+    assert b.grad is not None and b.grad.shape == b.shape
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_channels_last_and_non_contiguous(layout, device):
+    x, w, b = _data(3, 4, 6, (3, 2), 2, (7, 9), device=device)
+    if layout == "channels_last":
+        xi = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        # same values, stored with H and W swapped
+        xi = x.transpose(2, 3).contiguous().transpose(2, 3)
+    else:
+        big = torch.zeros(3, 8, 7, 18, dtype=x.dtype, device=device)
+        big[:, ::2, :, ::2] = x
+        xi = big[:, ::2, :, ::2]
+    assert not xi.is_contiguous()
+    w_nc = w.transpose(3, 4).contiguous().transpose(3, 4)  # non-contiguous kernels too
+    expected = _per_sample_reference(x, w, b, 2, 1, 1, 2)
+    torch.testing.assert_close(
+        per_sample_conv2d(xi, w_nc, b, 2, 1, 1, 2), expected, **tolerance(torch.float64)
+    )
+
+
+def test_float32_matches_float64():
+    x, w, b = _data(4, 4, 4, (3, 3), 1, (8, 8))
+    ref = per_sample_conv2d(x, w, b, padding=1)
+    out = per_sample_conv2d(x.float(), w.float(), b.float(), padding=1)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck(one_thread):
+    x, w, b = _data(2, 4, 2, (2, 3), 2, (5, 4), grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: per_sample_conv2d(x, w, b, (2, 1), 1, (1, 2), 2), (x, w, b)
+    )
+
+
+def test_gradients_match_loop():
+    x, w, b = _data(3, 4, 6, (3, 3), 2, (6, 6), grad=True)
+    grads = torch.autograd.grad(
+        per_sample_conv2d(x, w, b, 1, 1, 1, 2).square().sum(), (x, w, b)
+    )
+    ref = torch.autograd.grad(
+        _per_sample_reference(x, w, b, 1, 1, 1, 2).square().sum(), (x, w, b)
+    )
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want, **tolerance(torch.float64))
+
+
+def test_autocast_bfloat16_cpu():
+    x, w, b = _data(2, 4, 4, (3, 3), 1, (8, 8), dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = per_sample_conv2d(x, w, b, padding=1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        out.float(), per_sample_conv2d(x, w, b, padding=1), rtol=5e-2, atol=1e-1
+    )
+
+
+ERRORS = [
+    (
+        {"x": [1.0]},
+        TypeError,
+        r"per_sample_conv2d expected input to be a torch\.Tensor",
+    ),
+    (
+        {"x": torch.zeros(2, 4, 5)},
+        ValueError,
+        r"expected input with 4 dimensions, got 3",
+    ),
+    (
+        {"x": torch.zeros(2, 4, 5, 5, dtype=torch.long)},
+        TypeError,
+        r"expected input with a floating-point dtype, got torch\.int64",
+    ),
+    ({"w": torch.zeros(2, 6, 4, 3)}, ValueError, r"expected weight with 5 dimensions"),
+    (
+        {"w": torch.zeros(3, 6, 4, 3, 3)},
+        ValueError,
+        r"one kernel per sample: weight\.shape\[0\] == 2 \(the batch size\), got 3",
+    ),
+    (
+        {"w": torch.zeros(2, 6, 3, 3, 3)},
+        ValueError,
+        r"C_in/groups = 4, got \(2, 6, 3, 3, 3\)",
+    ),
+    ({"groups": 3}, ValueError, r"expected groups to divide the channels"),
+    ({"groups": 0}, ValueError, r"expected groups >= 1, got 0"),
+    ({"groups": 1.0}, TypeError, r"expected groups to be an int"),
+    ({"b": torch.zeros(2, 5)}, ValueError, r"expected bias of shape \(2, 6\)"),
+    ({"b": torch.zeros(6)}, ValueError, r"expected bias with 2 dimensions"),
+    ({"stride": 0}, ValueError, r"expected stride >= 1, got 0"),
+    ({"stride": (1, 2, 3)}, TypeError, r"expected stride to be an int or a pair"),
+    ({"padding": -1}, ValueError, r"expected padding >= 0, got -1"),
+    ({"dilation": (1, 0)}, ValueError, r"expected dilation >= 1"),
+    (
+        {"dilation": 3},
+        ValueError,
+        r"padded input \(5\) to be at least the dilated kernel size \(7\) along height",
+    ),
+]
+
+
+@pytest.mark.parametrize("fn", [per_sample_conv2d, per_sample_conv2d_loop])
+@pytest.mark.parametrize("override, error, match", ERRORS)
+def test_errors(fn, override, error, match):
+    args = {
+        "x": torch.zeros(2, 4, 5, 5),
+        "w": torch.zeros(2, 6, 4, 3, 3),
+        "b": torch.zeros(2, 6),
+        "stride": 1,
+        "padding": 0,
+        "dilation": 1,
+        "groups": 1,
+    }
+    args.update(override)
+    with pytest.raises(error, match=match):
+        fn(
+            args["x"],
+            args["w"],
+            args["b"],
+            args["stride"],
+            args["padding"],
+            args["dilation"],
+            args["groups"],
+        )

@@ -1,0 +1,246 @@
+"""Tests for refimpl.toy: the synthetic data set, the tiny CNN and the training loop."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from refimpl.dynamic_conv import DynamicConv2d, set_temperature, temperature_schedule
+from refimpl.toy import (
+    History,
+    TinyCNN,
+    ToyData,
+    evaluate,
+    make_oriented_textures,
+    train,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The toy tensors are tiny: with two threads, the synchronisation of every
+    # op costs more than the op, and far more on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _data(seed=0, **kwargs):
+    kwargs = {"num_train": 64, "num_test": 32, **kwargs}
+    return make_oriented_textures(
+        generator=torch.Generator().manual_seed(seed), **kwargs
+    )
+
+
+# --- data ---------------------------------------------------------------------------
+
+
+def test_dataset_is_deterministic_for_a_seed():
+    a, b, c = _data(3), _data(3), _data(4)
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert not torch.equal(a.train_x, c.train_x)
+
+
+def test_dataset_shapes_and_dtypes():
+    d = _data(num_train=40, num_test=24, size=12, num_classes=5)
+    assert d.train_x.shape == (40, 1, 12, 12) and d.test_x.shape == (24, 1, 12, 12)
+    assert d.train_y.shape == (40,) and d.test_y.shape == (24,)
+    assert d.train_x.dtype == torch.float32 and d.train_y.dtype == torch.int64
+    assert d.num_classes == 5
+    assert torch.isfinite(d.train_x).all()
+    assert 0 <= int(d.train_y.min()) and int(d.train_y.max()) < 5
+    moved = d.to("cpu")
+    assert isinstance(moved, ToyData) and torch.equal(moved.test_y, d.test_y)
+
+
+@pytest.mark.parametrize("n, classes", [(2048, 8), (50, 8), (10, 3)])
+def test_classes_balanced(n, classes):
+    d = _data(num_train=n, num_test=n, num_classes=classes)
+    for labels in (d.train_y, d.test_y):
+        counts = torch.bincount(labels, minlength=classes)
+        assert int(counts.sum()) == n
+        assert int(counts.max() - counts.min()) <= 1
+    # shuffled, not sorted by class
+    assert not torch.equal(d.train_y, torch.arange(n) % classes)
+
+
+def test_label_is_the_grating_orientation():
+    # The dominant 2-D frequency of a noise-free image points along the grating
+    # normal; its angle modulo pi must fall in the image's own class bin.
+    classes = 4
+    d = _data(num_train=200, num_test=1, size=64, num_classes=classes, noise=0.0)
+    images = d.train_x[:, 0].double()
+    window = torch.hann_window(64, periodic=False, dtype=torch.float64)
+    power = torch.fft.fftshift(
+        torch.fft.fft2(images * window.outer(window)), dim=(-2, -1)
+    ).abs()
+    flat = power.reshape(200, -1).argmax(dim=1)
+    ky = (flat // 64 - 32).double()
+    kx = (flat % 64 - 32).double()
+    angle = torch.atan2(ky, kx) % math.pi
+    step = math.pi / classes
+    # distance on the circle of orientations (period pi) to the class centre
+    diff = (angle - d.train_y.double() * step + math.pi / 2) % math.pi - math.pi / 2
+    assert diff.abs().max() < step / 2
+
+
+def test_contrast_and_noise_vary_the_images():
+    d = _data(num_train=256, noise=0.0)
+    amplitude = d.train_x.abs().amax(dim=(1, 2, 3))
+    assert amplitude.min() < 0.8 and amplitude.max() > 1.2
+    noisy = _data(num_train=256, noise=1.0)
+    assert noisy.train_x.std() > d.train_x.std()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (
+            {"generator": 0},
+            TypeError,
+            "make_oriented_textures expected generator to be a torch.Generator, "
+            "got int",
+        ),
+        (
+            {"num_train": 0},
+            ValueError,
+            "make_oriented_textures expected num_train >= 1",
+        ),
+        ({"size": 3}, ValueError, "make_oriented_textures expected size >= 4, got 3"),
+        ({"num_classes": 1}, ValueError, "expected num_classes >= 2, got 1"),
+        ({"noise": -0.1}, ValueError, r"expected noise >= 0, got -0.1"),
+    ],
+)
+def test_dataset_errors(kwargs, error, message):
+    kwargs = {"generator": torch.Generator(), **kwargs}
+    with pytest.raises(error, match=message):
+        make_oriented_textures(**kwargs)
+
+
+# --- model --------------------------------------------------------------------------
+
+
+def test_tiny_cnn_uses_the_factory_after_a_static_stem():
+    calls = []
+
+    def factory(*args):
+        calls.append(args)
+        return nn.Conv2d(*args)
+
+    model = TinyCNN(factory, num_classes=5, width=3)
+    assert calls == [(3, 6, 3, 2, 1), (6, 6, 3, 1, 1), (6, 12, 3, 2, 1)]
+    assert type(model.features[0][0]) is nn.Conv2d
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 5)
+    dynamic = TinyCNN(DynamicConv2d, num_classes=8)
+    assert sum(isinstance(m, DynamicConv2d) for m in dynamic.modules()) == 3
+    assert dynamic(torch.zeros(0, 1, 16, 16)).shape == (0, 8)
+
+
+def test_tiny_cnn_errors():
+    with pytest.raises(TypeError, match="TinyCNN expected conv_factory to be callable"):
+        TinyCNN(3)
+    with pytest.raises(ValueError, match="TinyCNN expected width >= 1, got 0"):
+        TinyCNN(width=0)
+
+
+# --- training -----------------------------------------------------------------------
+
+
+def test_train_one_tiny_epoch_and_hooks():
+    data = _data(num_train=20, num_test=12)
+    torch.manual_seed(0)
+    model = TinyCNN(functools.partial(DynamicConv2d, num_kernels=2), width=2)
+    epochs_seen, progress_seen = [], []
+
+    def on_epoch(m, epoch):
+        assert m is model
+        epochs_seen.append(epoch)
+
+    def on_iteration(m, progress):
+        progress_seen.append(progress)
+        set_temperature(m, temperature_schedule(progress, anneal_epochs=2))
+
+    history = train(
+        model,
+        data,
+        epochs=2,
+        lr=1e-2,
+        batch_size=8,
+        generator=torch.Generator().manual_seed(0),
+        on_epoch_start=on_epoch,
+        on_iteration_start=on_iteration,
+    )
+    assert isinstance(history, History)
+    assert len(history.train_loss) == len(history.test_accuracy) == 2
+    assert all(math.isfinite(v) and v > 0 for v in history.train_loss)
+    assert all(0.0 <= a <= 1.0 for a in history.test_accuracy)
+    assert history.final_accuracy == history.test_accuracy[-1]
+    assert history.seconds > 0
+    assert epochs_seen == [0, 1]
+    steps = math.ceil(20 / 8)
+    assert progress_seen == pytest.approx(
+        [e + i / steps for e in range(2) for i in range(steps)]
+    )
+    last = 1 + (steps - 1) / steps
+    assert model.features[1][0].temperature == pytest.approx(30 - 29 * last / 2)
+
+
+def test_train_is_reproducible_and_learns():
+    data = _data(num_train=128, num_test=64)
+
+    def run():
+        torch.manual_seed(0)
+        model = TinyCNN(width=4)
+        return model, train(
+            model,
+            data,
+            epochs=3,
+            lr=1e-2,
+            batch_size=32,
+            generator=torch.Generator().manual_seed(1),
+        )
+
+    (m1, h1), (_, h2) = run(), run()
+    assert h1.train_loss == h2.train_loss and h1.test_accuracy == h2.test_accuracy
+    assert h1.train_loss[-1] < h1.train_loss[0]
+    m1.train()
+    acc = evaluate(m1, data.test_x, data.test_y, batch_size=10)
+    assert m1.training and acc == h1.final_accuracy
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"epochs": 0}, ValueError, "train expected epochs >= 1, got 0"),
+        ({"batch_size": 2.0}, TypeError, "train expected batch_size to be an int"),
+        ({"lr": 0.0}, ValueError, r"train expected lr > 0, got 0.0"),
+        (
+            {"generator": None},
+            TypeError,
+            "train expected generator to be a torch.Generator, got NoneType",
+        ),
+        ({"data": (1, 2)}, TypeError, "train expected data to be a ToyData, got tuple"),
+        (
+            {"on_epoch_start": 1},
+            TypeError,
+            "train expected on_epoch_start to be callable or None",
+        ),
+    ],
+)
+def test_train_errors(kwargs, error, message):
+    args = {
+        "data": _data(num_train=8, num_test=8),
+        "epochs": 1,
+        "lr": 1e-3,
+        "batch_size": 4,
+        "generator": torch.Generator(),
+        **kwargs,
+    }
+    with pytest.raises(error, match=message):
+        train(TinyCNN(width=1), **args)

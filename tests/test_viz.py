@@ -1,0 +1,91 @@
+"""Tests of refimpl.viz: source display and the shared plotting helpers."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display in tests; set before pyplot is imported
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from refimpl import viz  # noqa: E402
+from refimpl.arithmetic import conv2d_loops, conv_output_size  # noqa: E402
+
+
+ROLES = ["input", "zero padding", "kernel taps", "output", "current output"]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def test_show_source_contains_the_def_line():
+    markdown = viz.show_source(conv2d_loops).data
+    assert markdown.startswith("```python\n") and markdown.endswith("\n```")
+    assert "def conv2d_loops(" in markdown
+    assert '"""2-D cross-correlation by its definition' in markdown  # docstring kept
+    short = viz.show_source(conv2d_loops, docstring=False).data
+    assert "def conv2d_loops(" in short and '"""' not in short
+    assert "for o in range(c_out):" in short
+
+
+def test_source_of_rejects_builtins():
+    with pytest.raises(TypeError, match=r"^show_source expected a function, class or "
+                                        r"method defined in Python source"):
+        viz.source_of(torch.conv2d)
+
+
+def test_use_book_style_sets_rcparams():
+    viz.use_book_style()
+    for key, value in viz.BOOK_STYLE.items():
+        current = matplotlib.rcParams[key]
+        assert (tuple(current) if isinstance(value, tuple) else current) == value
+
+
+def test_sliding_window_figure_has_legend_and_right_output_grid():
+    fig = viz.plot_sliding_window(7, 3, stride=2, padding=1, position=(1, 2))
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ROLES
+    assert "7x7 -> 4x4" in ax.get_title()
+    # one patch per padded input cell, kernel tap and output cell
+    h_out = conv_output_size(7, 3, 2, 1)
+    assert len(ax.patches) == 9 * 9 + 3 * 3 + h_out * h_out
+
+
+def test_sliding_window_rejects_position_outside_output():
+    with pytest.raises(ValueError, match=r"^plot_sliding_window expected position "
+                                        r"inside the 3x3 output, got \(3, 0\)"):
+        viz.plot_sliding_window(5, 3, position=(3, 0))
+
+
+def test_image_grid_titles_and_colorbars():
+    images = {f"k{i}": torch.randn(3, 3) for i in range(5)}
+    fig = viz.plot_image_grid(images, ncols=3, suptitle="kernels", label="weight",
+                              symmetric=True, annotate=True)
+    visible = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert [ax.get_title() for ax in visible] == list(images)
+    colorbars = [ax for ax in fig.axes if ax.get_ylabel() == "weight"]
+    assert len(colorbars) == 5
+    assert fig._suptitle.get_text() == "kernels"
+
+
+def test_heatmap_rejects_non_2d():
+    with pytest.raises(ValueError, match=r"^plot_heatmap expected 2-D data, got 3 "
+                                        r"dimensions"):
+        viz.plot_heatmap(torch.zeros(2, 3, 3))
+
+
+def test_role_handles_and_heatmap_axes():
+    labels = [h.get_label() for h in viz.role_handles()]
+    assert labels == ROLES
+    fig = viz.plot_heatmap(torch.ones(4, 4), extent=(-0.5, 0.5, 0.5, -0.5),
+                           xlabel="f_x", ylabel="f_y", label="|K|", title="t")
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("f_x", "f_y", "t")
+    assert len(ax.get_xticks()) > 0  # with an extent the ticks stay
+    assert fig.axes[1].get_ylabel() == "|K|"  # the colour bar
