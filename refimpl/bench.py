@@ -365,7 +365,12 @@ def _peak_memory(stmt: Callable[[], object], device) -> int:
 
 
 def measure(
-    case: Case, spec: BenchSpec, device, dtype, min_run_time: float = 1.0
+    case: Case,
+    spec: BenchSpec,
+    device,
+    dtype,
+    min_run_time: float = 1.0,
+    memory: bool = True,
 ) -> dict:
     """Forward latency, forward+backward latency and peak memory of one case."""
     g = torch.Generator().manual_seed(0)
@@ -385,7 +390,7 @@ def measure(
     return {
         "forward_s": _latency(forward, device, min_run_time),
         "forward_backward_s": _latency(forward_backward, device, min_run_time),
-        "peak_bytes": _peak_memory(forward_backward, device),
+        "peak_bytes": _peak_memory(forward_backward, device) if memory else 0,
     }
 
 
@@ -396,17 +401,30 @@ def run(
     dtype: torch.dtype = torch.float32,
     min_run_time: float = 1.0,
     baseline: str = "conv2d",
+    rounds: int = 3,
 ) -> list[dict]:
-    """Measure ``names`` and the baseline; return one row per case with ratios."""
+    """Measure ``names`` and the baseline; return one row per case with ratios.
+
+    Latencies are the best of ``rounds`` interleaved medians; the peak memory is
+    taken once per case.
+    """
     torch.manual_seed(0)
+    if device.type == "cpu":
+        # Before the first large allocation, so that no block of any case comes
+        # from glibc's heap, whose pages stay resident after a free.
+        _rss_measure_available()
     results = {}
-    for name in [baseline] + [n for n in names if n != baseline]:
-        case = CASES[name](spec, device, dtype)
-        results[name] = {
-            "name": name,
-            "note": case.note,
-            **measure(case, spec, device, dtype, min_run_time),
-        }
+    order = [baseline] + [n for n in names if n != baseline]
+    cases = {name: CASES[name](spec, device, dtype) for name in order}
+    # Rounds over all cases, keeping each case's best median: the clock of a
+    # shared machine drifts over minutes, and interleaving spreads the drift
+    # over every case instead of charging it to whichever ran at a slow moment.
+    for round_ in range(rounds):
+        for name, case in cases.items():
+            m = measure(case, spec, device, dtype, min_run_time, memory=round_ == 0)
+            row = results.setdefault(name, {"name": name, "note": case.note, **m})
+            for key in ("forward_s", "forward_backward_s"):
+                row[key] = min(row[key], m[key])
     base = results[baseline]
     rows = []
     for row in results.values():
@@ -469,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min-run-time", type=float, default=1.0, help="seconds per measurement"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds (best is kept)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     names = args.ops or [n for n in CASES if n != "conv2d"]
@@ -488,7 +509,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     for d in devices:
         device = torch.device(d)
-        rows = run(names, spec, device, getattr(torch, args.dtype), args.min_run_time)
+        rows = run(
+            names, spec, device, getattr(torch, args.dtype), args.min_run_time,
+            rounds=args.rounds,
+        )
         print(format_table(rows, device, spec))
         print()
     return 0

@@ -40,6 +40,7 @@ from ._validation import (
     check_positive_int,
     pair,
 )
+from .condconv import mix_experts
 from .per_sample import per_sample_conv2d
 
 __all__ = [
@@ -333,10 +334,9 @@ def dynamic_conv2d(
     stride, padding, dilation = _check_functional(
         x, attention, weight, bias, stride, padding, dilation, groups, "dynamic_conv2d"
     )
-    n, num_kernels = attention.shape
-    kernels = attention @ weight.reshape(num_kernels, -1)
-    kernels = kernels.reshape(n, *weight.shape[1:])
-    biases = None if bias is None else attention @ bias
+    # Mixing K kernels by attention is CondConv's mixing of experts (chapter 2);
+    # only the weights that do the mixing differ.
+    kernels, biases = mix_experts(attention, weight, bias)
     return per_sample_conv2d(x, kernels, biases, stride, padding, dilation, groups)
 
 
