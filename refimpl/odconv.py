@@ -323,22 +323,19 @@ def odconv2d(
             mixed = mixed.reshape(n, c_out, c_in_g, kh, kw)
         # The static bias rides along in the convolution: a separate addition
         # would cost a full pass over the output (about a tenth of the layer).
-        per_sample_bias = None
         if bias is not None:
-            per_sample_bias = bias.to(mixed.dtype).expand(n, c_out)
-            bias = None
-        out = per_sample_conv2d(
-            x, mixed, per_sample_bias, stride, padding, dilation, groups
-        )
+            bias = bias.to(mixed.dtype).expand(n, c_out)
+        return per_sample_conv2d(x, mixed, bias, stride, padding, dilation, groups)
+
+    # Feature order: the bias must come after the filter attention.
+    if channel_attention is not None:
+        x = x * channel_attention.reshape(n, x.shape[1], 1, 1)
+    if mixed.dim() == 4:
+        out = F.conv2d(x, mixed, None, stride, padding, dilation, groups)
     else:
-        if channel_attention is not None:
-            x = x * channel_attention.reshape(n, x.shape[1], 1, 1)
-        if mixed.dim() == 4:
-            out = F.conv2d(x, mixed, None, stride, padding, dilation, groups)
-        else:
-            out = per_sample_conv2d(x, mixed, None, stride, padding, dilation, groups)
-        if filter_attention is not None:
-            out = out * filter_attention.reshape(n, c_out, 1, 1)
+        out = per_sample_conv2d(x, mixed, None, stride, padding, dilation, groups)
+    if filter_attention is not None:
+        out = out * filter_attention.reshape(n, c_out, 1, 1)
     if bias is not None:
         out = out + bias.to(out.dtype).reshape(1, c_out, 1, 1)
     return out

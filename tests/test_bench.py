@@ -41,6 +41,22 @@ def test_cpu_peak_memory_sees_a_large_temporary():
     assert 60 * 2**20 <= peak <= 80 * 2**20
 
 
+def test_dispatch_tracker_sees_op_outputs_and_their_release():
+    """The fallback measure counts live storages made by ops, views only once."""
+
+    def stmt():
+        a = torch.ones(4 * 2**20)  # 16 MiB
+        b = a.view(2, -1)  # a view: no new storage
+        del a, b
+        c = torch.zeros(2 * 2**20)  # 8 MiB, after the 16 MiB went away
+        return c
+
+    with bench._AllocationTracker() as tracker:
+        stmt()
+    assert tracker.peak == 16 * 2**20
+    assert tracker.current == 0
+
+
 def test_unknown_case_is_an_error(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--ops", "no_such_op", "--device", "cpu"])
