@@ -10,7 +10,7 @@ The chapter that derives each name is given in its module's docstring.
 
 __version__ = "0.1.0"
 
-from .per_sample import per_sample_conv2d
+from ._conv import set_temperature
 
 # chapter 1: convolution arithmetic
 from .arithmetic import (
@@ -21,30 +21,33 @@ from .arithmetic import (
     conv_transpose_output_size,
     receptive_field,
 )
-from .frequency import frequency_response
 
 # chapter 2: CondConv
-from .condconv import CondConv2d, condconv2d, condconv2d_experts
+from .condconv import CondConv2d, condconv2d, condconv2d_reference
+
+# chapter 6: deformable convolution
+from .deform import DeformConv2d, deform_conv2d, deform_conv2d_reference
 
 # chapter 3: attention over kernels
 from .dynamic_conv import (
     DynamicConv2d,
     dynamic_conv2d,
-    set_temperature,
+    dynamic_conv2d_reference,
     temperature_schedule,
 )
-
-# chapter 4: ODConv
-from .odconv import ODConv2d, odconv2d
-
-# chapter 6: deformable convolution
-from .deform import DeformConv2d, deform_conv2d, deform_conv2d_loops
+from .frequency import frequency_response
 
 # chapter 8 (models; used from chapter 4 on): converting networks
 from .models import convert_conv2d, count_parameters, paper_resnet50
 
+# chapter 4: ODConv
+from .odconv import ODConv2d, odconv2d, odconv2d_reference
+from .per_sample import per_sample_conv2d, per_sample_conv2d_reference
+
 __all__ = [
+    "set_temperature",
     "per_sample_conv2d",
+    "per_sample_conv2d_reference",
     "conv2d_fft",
     "conv2d_loops",
     "conv2d_unfold",
@@ -54,16 +57,17 @@ __all__ = [
     "frequency_response",
     "CondConv2d",
     "condconv2d",
-    "condconv2d_experts",
+    "condconv2d_reference",
     "DynamicConv2d",
     "dynamic_conv2d",
-    "set_temperature",
+    "dynamic_conv2d_reference",
     "temperature_schedule",
     "ODConv2d",
     "odconv2d",
+    "odconv2d_reference",
     "DeformConv2d",
     "deform_conv2d",
-    "deform_conv2d_loops",
+    "deform_conv2d_reference",
     "convert_conv2d",
     "count_parameters",
     "paper_resnet50",

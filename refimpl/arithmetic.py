@@ -196,8 +196,19 @@ class ReceptiveField(NamedTuple):
 
 # Layers that act on each pixel on its own leave the receptive field unchanged.
 _POINTWISE = (
-    nn.Identity, nn.BatchNorm2d, nn.GroupNorm, nn.Dropout, nn.Dropout2d, nn.ReLU,
-    nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Identity,
+    nn.BatchNorm2d,
+    nn.GroupNorm,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.SiLU,
+    nn.GELU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
     nn.Hardsigmoid,
 )
 
@@ -217,15 +228,20 @@ def _layer_triples(layers, owner: str) -> list[tuple[object, object, object]]:
         elif isinstance(layer, (nn.Conv2d, nn.MaxPool2d)):
             # a pooling module may hold ints; pairs make every module 2-D
             triples.append(
-                (pair(layer.kernel_size, "kernel_size", owner=owner),
-                 pair(layer.stride, "stride", owner=owner),
-                 pair(layer.dilation, "dilation", owner=owner))
+                (
+                    pair(layer.kernel_size, "kernel_size", owner=owner),
+                    pair(layer.stride, "stride", owner=owner),
+                    pair(layer.dilation, "dilation", owner=owner),
+                )
             )
         elif isinstance(layer, nn.AvgPool2d):
             stride = layer.stride if layer.stride is not None else layer.kernel_size
             triples.append(
-                (pair(layer.kernel_size, "kernel_size", owner=owner),
-                 pair(stride, "stride", owner=owner), (1, 1))
+                (
+                    pair(layer.kernel_size, "kernel_size", owner=owner),
+                    pair(stride, "stride", owner=owner),
+                    (1, 1),
+                )
             )
         elif isinstance(layer, _POINTWISE):
             continue
@@ -234,8 +250,10 @@ def _layer_triples(layers, owner: str) -> list[tuple[object, object, object]]:
                 f"{owner} expected Conv2d, MaxPool2d, AvgPool2d or a pointwise "
                 f"module at layers[{index}], got {type(layer).__name__}"
             )
-        elif isinstance(layer, Sequence) and not isinstance(layer, str) and (
-            len(layer) == 3
+        elif (
+            isinstance(layer, Sequence)
+            and not isinstance(layer, str)
+            and (len(layer) == 3)
         ):
             triples.append(tuple(layer))
         else:

@@ -7,14 +7,29 @@ prints each as a ratio to a plain ``nn.Conv2d`` of the same shape (lower is
 better; 1.00 means "as fast as a static convolution"). It runs on the CPU and,
 when present, on CUDA. Speed targets of the book live here, not in timed tests.
 
+Peak memory on CUDA is the caching allocator's peak. On the CPU (Linux) it is the
+peak resident set of a fresh Python process that builds the case and runs it, one
+process per case, so that it does not depend on what the calling process ran
+before; the calling process's allocator settings are never touched.
+
 Operators register themselves below with :func:`register`: a case is a function
 ``(spec, device, dtype) -> Case`` that builds the operator for the spec's shape.
+A case that does not support the options it is given is skipped, with the reason
+in the table, instead of ending the run; a factory can say so itself by raising
+:class:`SkipCase`.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import gc
+import importlib
+import math
+import os
+import pickle
+import subprocess
 import sys
 import weakref
 from collections.abc import Callable
@@ -24,7 +39,20 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["BenchSpec", "Case", "register", "CASES", "measure", "run", "main"]
+from ._validation import check_positive_int
+
+__all__ = [
+    "BenchSpec",
+    "Case",
+    "SkipCase",
+    "register",
+    "CASES",
+    "measure",
+    "peak_memory",
+    "run",
+    "format_table",
+    "main",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +64,10 @@ class BenchSpec:
     out_channels: int = 64
     size: int = 56
     kernel_size: int = 3
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            check_positive_int(getattr(self, field.name), field.name, owner="BenchSpec")
 
 
 @dataclasses.dataclass
@@ -52,11 +84,25 @@ class Case:
     input_grad: bool = True
 
 
+class SkipCase(Exception):
+    """Raised by a case factory that does not support the options it was given.
+
+    The message is the reason shown in the table (``"skipped: <reason>"``), e.g.
+    ``raise SkipCase("needs CUDA")``.
+    """
+
+
 CASES: dict[str, Callable[[BenchSpec, torch.device, torch.dtype], Case]] = {}
 
 
 def register(name: str):
-    """Decorator adding a case factory to :data:`CASES` under ``name``."""
+    """Decorator adding a case factory to :data:`CASES` under ``name``.
+
+    The CPU peak memory is measured in a fresh process, which finds the factory by
+    importing the module that defines it; a factory defined in ``__main__`` or in
+    a notebook is measured in the calling process with the dispatcher count
+    instead (see :func:`peak_memory`).
+    """
 
     def decorate(factory):
         if name in CASES:
@@ -73,19 +119,26 @@ def _module_case(module: nn.Module, note: str = "") -> Case:
     )
 
 
+def _same_size(cls, spec: BenchSpec, device, dtype, **options) -> nn.Module:
+    """``cls(C_in, C_out, k, padding=k // 2, ...)``: a layer of the spec's shape."""
+    k = spec.kernel_size
+    return cls(
+        spec.in_channels,
+        spec.out_channels,
+        k,
+        padding=k // 2,
+        device=device,
+        dtype=dtype,
+        **options,
+    )
+
+
 # --- baseline ---------------------------------------------------------------------
 
 
 @register("conv2d")
 def _conv2d(spec: BenchSpec, device, dtype) -> Case:
-    conv = nn.Conv2d(
-        spec.in_channels,
-        spec.out_channels,
-        spec.kernel_size,
-        padding=spec.kernel_size // 2,
-        device=device,
-        dtype=dtype,
-    )
+    conv = _same_size(nn.Conv2d, spec, device, dtype)
     return _module_case(conv, "nn.Conv2d, the baseline")
 
 
@@ -96,10 +149,7 @@ def _arithmetic_case(name: str, note: str):
     def factory(spec: BenchSpec, device, dtype) -> Case:
         from . import arithmetic
 
-        conv = nn.Conv2d(
-            spec.in_channels, spec.out_channels, spec.kernel_size,
-            padding=spec.kernel_size // 2, device=device, dtype=dtype,
-        )
+        conv = _same_size(nn.Conv2d, spec, device, dtype)
         fn = getattr(arithmetic, name)
         pad = spec.kernel_size // 2
         return Case(
@@ -122,20 +172,12 @@ register("conv2d_fft")(_arithmetic_case("conv2d_fft", "convolution theorem, torc
 def _condconv(spec: BenchSpec, device, dtype) -> Case:
     from .condconv import CondConv2d
 
-    conv = CondConv2d(
-        spec.in_channels,
-        spec.out_channels,
-        spec.kernel_size,
-        padding=spec.kernel_size // 2,
-        num_experts=8,
-        device=device,
-        dtype=dtype,
-    )
-    return _module_case(conv, "CondConv2d, 8 experts, routing computed inside")
+    conv = _same_size(CondConv2d, spec, device, dtype, num_kernels=8)
+    return _module_case(conv, "CondConv2d, 8 kernels, routing computed inside")
 
 
 def _per_sample_case(spec: BenchSpec, device, dtype, batched: bool) -> Case:
-    from .per_sample import per_sample_conv2d, per_sample_conv2d_loop
+    from .per_sample import per_sample_conv2d, per_sample_conv2d_reference
 
     g = torch.Generator().manual_seed(0)
     k = spec.kernel_size
@@ -144,11 +186,11 @@ def _per_sample_case(spec: BenchSpec, device, dtype, batched: bool) -> Case:
         spec.batch, spec.out_channels, spec.in_channels, k, k, generator=g
     ).mul_(1.0 / (spec.in_channels * k * k) ** 0.5)
     weight = weight.to(device=device, dtype=dtype).requires_grad_()
-    fn = per_sample_conv2d if batched else per_sample_conv2d_loop
+    fn = per_sample_conv2d if batched else per_sample_conv2d_reference
     note = (
         "per_sample_conv2d: batch folded into groups"
         if batched
-        else "per_sample_conv2d_loop: one F.conv2d per sample"
+        else "per_sample_conv2d_reference: one F.conv2d per sample"
     )
     return Case(fn=lambda x: fn(x, weight, None, 1, k // 2), params=[weight], note=note)
 
@@ -167,42 +209,35 @@ def _per_sample_batched(spec: BenchSpec, device, dtype) -> Case:
 def _dynamic_conv(spec: BenchSpec, device, dtype) -> Case:
     from .dynamic_conv import DynamicConv2d
 
-    conv = DynamicConv2d(
-        spec.in_channels,
-        spec.out_channels,
-        spec.kernel_size,
-        padding=spec.kernel_size // 2,
-        device=device,
-        dtype=dtype,
-    )
+    conv = _same_size(DynamicConv2d, spec, device, dtype)
     return _module_case(conv, "DynamicConv2d, K=4 (attention + one grouped conv)")
 
 
 # --- chapter 4: ODConv -------------------------------------------------------------
 
 
-def _odconv_case(kernel_num: int):
+def _odconv_case(num_kernels: int):
     # Eval mode: inference latency is what a speed comparison of ODConv is about,
     # and it keeps the attention BatchNorm on running statistics (no batch
     # statistics, no running-average updates) in the backward timing as well.
     def factory(spec: BenchSpec, device, dtype) -> Case:
         from .odconv import ODConv2d
 
-        layer = ODConv2d(
-            spec.in_channels, spec.out_channels, spec.kernel_size,
-            padding=spec.kernel_size // 2, kernel_num=kernel_num,
-            device=device, dtype=dtype,
+        layer = _same_size(
+            ODConv2d, spec, device, dtype, num_kernels=num_kernels
         ).eval()
         order = layer.resolve_order(
             (spec.batch, spec.in_channels, spec.size, spec.size)
         )
-        return _module_case(layer, f"ODConv2d {kernel_num}x, eval, order={order}")
+        return _module_case(layer, f"ODConv2d {num_kernels}x, eval, order={order}")
 
     return factory
 
 
 register("odconv_1x")(_odconv_case(1))
 register("odconv_4x")(_odconv_case(4))
+
+
 # --- chapter 6: deformable convolution --------------------------------------------
 
 
@@ -213,13 +248,14 @@ def _deform_inputs(spec: BenchSpec, device, dtype):
     k, size = spec.kernel_size, spec.size
     offset = 2 * torch.randn(spec.batch, 2 * k * k, size, size, generator=g)
     mask = torch.rand(spec.batch, k * k, size, size, generator=g)
-    return (offset.to(device=device, dtype=dtype).requires_grad_(),
-            mask.to(device=device, dtype=dtype).requires_grad_())
+    return (
+        offset.to(device=device, dtype=dtype).requires_grad_(),
+        mask.to(device=device, dtype=dtype).requires_grad_(),
+    )
 
 
 def _deform_case(spec: BenchSpec, device, dtype, fn, note) -> Case:
-    conv = nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel_size,
-                     padding=spec.kernel_size // 2, device=device, dtype=dtype)
+    conv = _same_size(nn.Conv2d, spec, device, dtype)
     offset, mask = _deform_inputs(spec, device, dtype)
     pad = spec.kernel_size // 2
 
@@ -233,27 +269,30 @@ def _deform_case(spec: BenchSpec, device, dtype, fn, note) -> Case:
 def _deform_conv2d(spec: BenchSpec, device, dtype) -> Case:
     from refimpl.deform import deform_conv2d
 
-    return _deform_case(spec, device, dtype, deform_conv2d,
-                        "refimpl deform_conv2d, random offsets, mask")
+    return _deform_case(
+        spec,
+        device,
+        dtype,
+        deform_conv2d,
+        "refimpl deform_conv2d, random offsets, mask",
+    )
 
 
 @register("deform_conv2d_torchvision")
 def _deform_conv2d_torchvision(spec: BenchSpec, device, dtype) -> Case:
     from torchvision.ops import deform_conv2d
 
-    return _deform_case(spec, device, dtype, deform_conv2d,
-                        "torchvision.ops.deform_conv2d, same inputs")
+    return _deform_case(
+        spec, device, dtype, deform_conv2d, "torchvision.ops.deform_conv2d, same inputs"
+    )
 
 
 @register("DeformConv2d")
 def _deform_conv2d_module(spec: BenchSpec, device, dtype) -> Case:
     from refimpl.deform import DeformConv2d
 
-    layer = DeformConv2d(spec.in_channels, spec.out_channels, spec.kernel_size,
-                         padding=spec.kernel_size // 2, modulated=True,
-                         device=device, dtype=dtype)
+    layer = _same_size(DeformConv2d, spec, device, dtype, modulated=True)
     return _module_case(layer, "refimpl DeformConv2d, modulated, predicts offsets")
-
 
 
 # --- measurement ------------------------------------------------------------------
@@ -264,6 +303,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _calls(
+    case: Case, spec: BenchSpec, device, dtype
+) -> tuple[Callable[[], object], Callable[[], None]]:
+    """The forward and the forward+backward of ``case`` on one fixed input.
+
+    The input is ``Tensor[batch, in_channels, size, size]``, drawn with a seeded
+    CPU generator and then moved to ``device``, so that every case and every
+    process sees the same numbers.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(spec.batch, spec.in_channels, spec.size, spec.size, generator=g)
+    x = x.to(device=device, dtype=dtype).requires_grad_(case.input_grad)
+
+    def forward():
+        with torch.no_grad():
+            return case.fn(x)
+
+    def forward_backward():
+        for p in case.params:
+            p.grad = None
+        x.grad = None
+        case.fn(x).sum().backward()
+
+    return forward, forward_backward
+
+
 def _latency(stmt: Callable[[], object], device, min_run_time: float) -> float:
     """Median seconds per call of ``stmt``."""
     from torch.utils import benchmark
@@ -272,6 +337,29 @@ def _latency(stmt: Callable[[], object], device, min_run_time: float) -> float:
     _sync(device)
     timer = benchmark.Timer(stmt="stmt()", globals={"stmt": stmt})
     return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def measure(
+    case: Case, spec: BenchSpec, device, dtype, min_run_time: float = 1.0
+) -> dict:
+    """Median forward and forward+backward latency of one case, in seconds.
+
+    Returns ``{"forward_s": ..., "forward_backward_s": ...}``. The peak memory is
+    measured separately, by :func:`peak_memory`.
+    """
+    device = torch.device(device)
+    forward, forward_backward = _calls(case, spec, device, dtype)
+    return {
+        "forward_s": _latency(forward, device, min_run_time),
+        "forward_backward_s": _latency(forward_backward, device, min_run_time),
+    }
+
+
+# --- peak memory ------------------------------------------------------------------
+
+_RESIDENT = "resident set, fresh process"
+_DISPATCH = "dispatcher count"
+_CUDA = "CUDA allocator"
 
 
 class _AllocationTracker(TorchDispatchMode):
@@ -309,27 +397,20 @@ class _AllocationTracker(TorchDispatchMode):
         return out
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+def _dispatch_peak_memory(stmt: Callable[[], object]) -> int:
+    with _AllocationTracker() as tracker:
+        stmt()
+    return tracker.peak
 
 
-def _rss_measure_available() -> bool:
-    """Set up the resident-memory measure; ``False`` where it cannot work."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        # Blocks of 64 KiB and more get their own mapping and go back to the OS
-        # when freed, so the resident size follows the live tensors instead of
-        # glibc's heap, whose high-water mark would hide later peaks.
-        if libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024) != 1:
-            return False
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _proc_status("VmHWM:") is not None
+def _cuda_peak_memory(stmt: Callable[[], object], device: torch.device) -> int:
+    """Bytes the caching allocator holds at the peak of one call, above before it."""
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    stmt()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def _proc_status(key: str) -> int | None:
@@ -340,58 +421,218 @@ def _proc_status(key: str) -> int | None:
     return None
 
 
-def _peak_memory(stmt: Callable[[], object], device) -> int:
-    """Bytes allocated at the peak of one call, above what existed before it.
+def _fresh_process_available() -> bool:
+    """Whether the resident-set measure can work here (Linux ``/proc``).
 
-    CUDA: the caching allocator's peak statistics. CPU on Linux: the peak
-    resident set size during the call (reset through ``/proc/self/clear_refs``),
-    which also counts the scratch memory of C++ kernels; elsewhere, the storages
-    counted at the dispatcher (:class:`_AllocationTracker`).
+    It only looks: the calling process's allocator and ``/proc`` settings are
+    left alone, since the measure itself runs in a child process.
     """
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        stmt()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    if _rss_measure_available():
-        before = _proc_status("VmRSS:")
-        stmt()
-        return max(_proc_status("VmHWM:") - before, 0)
-    with _AllocationTracker() as tracker:
-        stmt()
-    return tracker.peak
+    return (
+        bool(sys.executable)
+        and sys.platform.startswith("linux")
+        and os.path.exists("/proc/self/status")
+        and os.access("/proc/self/clear_refs", os.W_OK)
+    )
 
 
-def measure(
-    case: Case,
+def _import_name(obj: object) -> str | None:
+    """The name a fresh process imports to find ``obj``'s module, if it has one."""
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    name = getattr(getattr(module, "__spec__", None), "name", None)
+    return None if name in (None, "__main__") else name
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+# The program of the fresh process. Before anything large is allocated, glibc is
+# told to give every block of 64 KiB or more its own mapping, which goes back to
+# the system when freed: the resident set then follows the live tensors instead of
+# glibc's heap, whose pages stay resident and would hide later peaks. Then it reads
+# the caller's sys.path and the request from stdin.
+_CHILD_PROGRAM = f"""\
+import ctypes, pickle, sys
+try:
+    malloc_configured = ctypes.CDLL("libc.so.6").mallopt(
+        {_M_MMAP_THRESHOLD}, 64 * 1024
+    ) == 1
+except (OSError, AttributeError):
+    malloc_configured = False
+sys.path[:] = pickle.load(sys.stdin.buffer)
+from refimpl.bench import _child_main
+_child_main(malloc_configured)
+"""
+
+
+def _peak_here(stmt: Callable[[], object], malloc_configured: bool) -> tuple[int, str]:
+    """In the fresh process: the peak of one call above the resident set before it."""
+    if malloc_configured:
+        try:
+            # Writing 5 resets the peak resident set (VmHWM) to the current one.
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            before = _proc_status("VmRSS:")
+            stmt()
+            peak = _proc_status("VmHWM:")
+        except OSError:
+            pass
+        else:
+            if before is not None and peak is not None:
+                return max(peak - before, 0), _RESIDENT
+    return _dispatch_peak_memory(stmt), _DISPATCH
+
+
+def _child_main(malloc_configured: bool) -> None:
+    """Entry point of the process that :func:`_fresh_process_peak_memory` starts.
+
+    Reads ``(module, qualname, args, threads)`` from stdin, calls the function to
+    get a statement, runs it once to warm up, then measures a second call; writes
+    ``("ok", bytes, method)`` or ``("error", reason)`` to what was stdout.
+    """
+    result = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever the measured code prints goes to stderr
+    try:
+        module, qualname, args, threads = pickle.load(sys.stdin.buffer)
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        setup = importlib.import_module(module)
+        for part in qualname.split("."):
+            setup = getattr(setup, part)
+        stmt = setup(*args)
+        stmt()  # warm-up: lazy initialisation, code pages, kernel selection
+        gc.collect()
+        reply = ("ok", *_peak_here(stmt, malloc_configured))
+    except Exception as error:
+        reply = ("error", _reason(error))
+    with result:
+        pickle.dump(reply, result)
+
+
+def _fresh_process_peak_memory(
+    setup: Callable[..., Callable[[], object]], *args, threads: int | None = None
+) -> tuple[int, str]:
+    """Peak memory of ``setup(*args)()`` measured in a fresh Python process.
+
+    ``setup`` is a module-level function, found in the child by importing its
+    module with the caller's ``sys.path``; ``args`` are pickled to it. In the
+    child, ``setup(*args)`` builds what the statement needs and returns it; the
+    statement runs once to warm up, then once more while the peak resident set is
+    recorded (or, where glibc or ``/proc`` refuse, the dispatcher count). The
+    child uses ``threads`` torch threads, by default as many as the caller.
+
+    Returns ``(bytes above the resident set before the call, method)``; raises
+    ``RuntimeError`` with the child's reason if it fails.
+    """
+    module, qualname = _import_name(setup), getattr(setup, "__qualname__", "")
+    if module is None or not qualname or "<locals>" in qualname:
+        raise ValueError(
+            "_fresh_process_peak_memory expected a module-level function of an "
+            f"importable module, got {setup!r}"
+        )
+    request = pickle.dumps(list(sys.path)) + pickle.dumps(
+        (module, qualname, args, threads or torch.get_num_threads())
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD_PROGRAM],
+        input=request,
+        capture_output=True,
+        check=False,
+    )
+    try:
+        reply = pickle.loads(done.stdout)
+    except Exception:
+        reply = None
+    if isinstance(reply, tuple) and reply[0] == "ok":
+        return reply[1], reply[2]
+    if isinstance(reply, tuple) and reply[0] == "error":
+        raise RuntimeError(reply[1])
+    tail = done.stderr.decode(errors="replace").strip().splitlines()[-3:]
+    raise RuntimeError(
+        f"the measuring process ended with status {done.returncode}: "
+        + (" | ".join(tail) or "no output")
+    )
+
+
+def _case_forward_backward(
+    name: str, module: str, spec: BenchSpec, dtype: torch.dtype
+) -> Callable[[], None]:
+    """In the fresh process: build case ``name`` on the CPU, return its
+    forward+backward. Importing ``module`` registers the case."""
+    importlib.import_module(module)
+    if name not in CASES:
+        raise KeyError(f"case {name!r} is not registered after importing {module}")
+    cpu = torch.device("cpu")
+    return _calls(CASES[name](spec, cpu, dtype), spec, cpu, dtype)[1]
+
+
+def _measured_in_fresh_process(name: str, device: torch.device) -> bool:
+    return (
+        device.type == "cpu"
+        and _fresh_process_available()
+        and _import_name(CASES[name]) is not None
+    )
+
+
+def _case_peak_memory(
+    name: str,
     spec: BenchSpec,
-    device,
+    device: torch.device,
     dtype,
-    min_run_time: float = 1.0,
-    memory: bool = True,
-) -> dict:
-    """Forward latency, forward+backward latency and peak memory of one case."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(spec.batch, spec.in_channels, spec.size, spec.size, generator=g)
-    x = x.to(device=device, dtype=dtype).requires_grad_(case.input_grad)
+    case: Case | None = None,
+    threads: int | None = None,
+) -> tuple[int, str]:
+    if _measured_in_fresh_process(name, device):
+        module = _import_name(CASES[name])
+        return _fresh_process_peak_memory(
+            _case_forward_backward, name, module, spec, dtype, threads=threads
+        )
+    if case is None:
+        case = CASES[name](spec, device, dtype)
+    forward_backward = _calls(case, spec, device, dtype)[1]
+    forward_backward()  # warm-up, as in the fresh process
+    if device.type == "cuda":
+        return _cuda_peak_memory(forward_backward, device), _CUDA
+    return _dispatch_peak_memory(forward_backward), _DISPATCH
 
-    def forward():
-        with torch.no_grad():
-            return case.fn(x)
 
-    def forward_backward():
-        for p in case.params:
-            p.grad = None
-        x.grad = None
-        case.fn(x).sum().backward()
+def peak_memory(
+    name: str, spec: BenchSpec, device, dtype: torch.dtype = torch.float32
+) -> tuple[int, str]:
+    """Bytes allocated at the peak of one forward+backward of case ``name``.
 
-    return {
-        "forward_s": _latency(forward, device, min_run_time),
-        "forward_backward_s": _latency(forward_backward, device, min_run_time),
-        "peak_bytes": _peak_memory(forward_backward, device) if memory else 0,
-    }
+    Measured after a warm-up call, above what existed before the call. CUDA: the
+    caching allocator's peak statistics, in this process. CPU on Linux: the peak
+    resident set of a fresh Python process that builds the case, so that it counts
+    the scratch memory of C++ kernels and does not depend on what ran before in
+    this one; the process imports the module that defines the case's factory.
+    Elsewhere, or for a factory defined in ``__main__``: the storages counted at
+    the dispatcher in this process, which miss C++ scratch buffers.
+
+    Returns ``(bytes, method)``, the method being ``"CUDA allocator"``,
+    ``"resident set, fresh process"`` or ``"dispatcher count"``.
+    """
+    if name not in CASES:
+        raise ValueError(
+            f"peak_memory expected a case name from {list(CASES)}, got {name!r}"
+        )
+    return _case_peak_memory(name, spec, torch.device(device), dtype)
+
+
+# --- the run ----------------------------------------------------------------------
+
+
+def _reason(error: BaseException) -> str:
+    """One line saying why a case failed, for the table."""
+    text = str(error).strip()
+    if not isinstance(error, SkipCase):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    line = text.splitlines()[0] if text else "no reason given"
+    return line if len(line) <= 120 else line[:117] + "..."
+
+
+def _memory_workers(jobs: int) -> int:
+    # A few processes at a time: each spends seconds importing torch, and the
+    # resident set of one process does not depend on the others.
+    return max(1, min(jobs, 4, os.cpu_count() or 1))
 
 
 def run(
@@ -402,51 +643,139 @@ def run(
     min_run_time: float = 1.0,
     baseline: str = "conv2d",
     rounds: int = 3,
+    memory: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Measure ``names`` and the baseline; return one row per case with ratios.
 
-    Latencies are the best of ``rounds`` interleaved medians; the peak memory is
-    taken once per case.
+    Latencies are the best of ``rounds`` interleaved medians. The peak memory is
+    taken once per case after the rounds (:func:`peak_memory`; on the CPU, one
+    fresh process per case); ``memory=False`` leaves it out (NaN).
+
+    A case that raises while it is built or run (an unsupported dtype, a missing
+    optional package, :class:`SkipCase`) is skipped: its row has ``skipped`` set
+    to the reason and NaN figures, and the other cases go on. A failed memory
+    measure leaves the latencies and sets ``peak_error``. Ratios are to the
+    baseline's figures, NaN where the baseline has none. ``progress``, if given,
+    is called with one line per step, e.g.
+    ``"[9/12] cpu odconv_4x: latency, round 1/3"``.
     """
+    device = torch.device(device)
+    order = list(dict.fromkeys([baseline, *names]))
+    unknown = [n for n in order if n not in CASES]
+    if unknown:
+        raise ValueError(f"run expected case names from {list(CASES)}, got {unknown}")
+    check_positive_int(rounds, "rounds", owner="run")
+    if not (isinstance(min_run_time, (int, float)) and 0 < min_run_time < math.inf):
+        raise ValueError(f"run expected min_run_time > 0 seconds, got {min_run_time!r}")
+    nan = float("nan")
+    rows = {
+        name: {
+            "name": name,
+            "note": "",
+            "skipped": None,
+            "forward_s": nan,
+            "forward_backward_s": nan,
+            "peak_bytes": nan,
+            "peak_method": None,
+            "peak_error": None,
+        }
+        for name in order
+    }
+    index = {name: i for i, name in enumerate(order, 1)}
+
+    def say(name: str, what: str) -> None:
+        if progress is not None:
+            progress(f"[{index[name]}/{len(order)}] {device.type} {name}: {what}")
+
+    def skip(name: str, error: Exception) -> None:
+        rows[name]["skipped"] = _reason(error)
+        say(name, f"skipped: {rows[name]['skipped']}")
+
     torch.manual_seed(0)
-    if device.type == "cpu":
-        # Before the first large allocation, so that no block of any case comes
-        # from glibc's heap, whose pages stay resident after a free.
-        _rss_measure_available()
-    results = {}
-    order = [baseline] + [n for n in names if n != baseline]
-    cases = {name: CASES[name](spec, device, dtype) for name in order}
+    cases: dict[str, Case] = {}
+    for name in order:
+        try:
+            cases[name] = CASES[name](spec, device, dtype)
+        except Exception as error:
+            skip(name, error)
+        else:
+            rows[name]["note"] = cases[name].note
     # Rounds over all cases, keeping each case's best median: the clock of a
     # shared machine drifts over minutes, and interleaving spreads the drift
     # over every case instead of charging it to whichever ran at a slow moment.
     for round_ in range(rounds):
-        for name, case in cases.items():
-            m = measure(case, spec, device, dtype, min_run_time, memory=round_ == 0)
-            row = results.setdefault(name, {"name": name, "note": case.note, **m})
+        for name in list(cases):
+            say(name, f"latency, round {round_ + 1}/{rounds}")
+            try:
+                m = measure(cases[name], spec, device, dtype, min_run_time)
+            except Exception as error:
+                del cases[name]
+                skip(name, error)
+                continue
+            row = rows[name]
             for key in ("forward_s", "forward_backward_s"):
-                row[key] = min(row[key], m[key])
-    base = results[baseline]
-    rows = []
-    for row in results.values():
+                row[key] = m[key] if round_ == 0 else min(row[key], m[key])
+    if memory:
+        _memory_phase(cases, rows, spec, device, dtype, say, progress)
+    base = rows[baseline]
+    for row in rows.values():
         row["forward_ratio"] = row["forward_s"] / base["forward_s"]
         row["forward_backward_ratio"] = (
             row["forward_backward_s"] / base["forward_backward_s"]
         )
         # Below a megabyte the resident-size measure is page noise, not a peak.
-        small = base["peak_bytes"] < 2**20
-        row["peak_ratio"] = (
-            float("nan") if small else row["peak_bytes"] / base["peak_bytes"]
+        small = not base["peak_bytes"] >= 2**20
+        row["peak_ratio"] = nan if small else row["peak_bytes"] / base["peak_bytes"]
+    return list(rows.values())
+
+
+def _memory_phase(cases, rows, spec, device, dtype, say, progress) -> None:
+    """Fill ``peak_bytes`` and ``peak_method`` of the rows of ``cases``."""
+
+    def record(name, job):
+        try:
+            peak, method = job()
+        except Exception as error:
+            rows[name]["peak_error"] = _reason(error)
+            say(name, f"peak memory failed: {rows[name]['peak_error']}")
+        else:
+            rows[name]["peak_bytes"], rows[name]["peak_method"] = peak, method
+            say(name, f"peak memory {peak / 2**20:.1f} MB ({method})")
+
+    threads = torch.get_num_threads()  # read here: worker threads may differ
+
+    def job(name):
+        return lambda: _case_peak_memory(
+            name, spec, device, dtype, cases[name], threads
         )
-        rows.append(row)
-    return rows
+
+    fresh = [n for n in cases if _measured_in_fresh_process(n, device)]
+    for name in cases:
+        if name not in fresh:
+            record(name, job(name))  # in this process, one at a time
+    if not fresh:
+        return
+    workers = _memory_workers(len(fresh))
+    if progress is not None:
+        progress(
+            f"{device.type}: peak memory of {len(fresh)} case(s), one fresh "
+            f"process each, {workers} at a time"
+        )
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(job(name)): name for name in fresh}
+        for future in concurrent.futures.as_completed(futures):
+            record(futures[future], future.result)
 
 
 def format_table(rows: list[dict], device: torch.device, spec: BenchSpec) -> str:
     """A plain-text table of the rows returned by :func:`run`."""
+    methods = {r.get("peak_method") for r in rows} - {None}
     head = (
-        f"device={device.type}  N={spec.batch}  "
+        f"device={torch.device(device).type}  N={spec.batch}  "
         f"C={spec.in_channels}->{spec.out_channels}  "
-        f"{spec.size}x{spec.size}  k={spec.kernel_size}  (ratios to {rows[0]['name']})"
+        f"{spec.size}x{spec.size}  k={spec.kernel_size}  (ratios to {rows[0]['name']}"
+        + (f"; peak: {methods.pop()})" if len(methods) == 1 else ")")
     )
     lines = [
         head,
@@ -454,15 +783,57 @@ def format_table(rows: list[dict], device: torch.device, spec: BenchSpec) -> str
         f"{'peak MB':>9}{'ratio':>7}  note",
     ]
     for r in rows:
+        if r.get("skipped"):
+            lines.append(f"{r['name']:<27}skipped: {r['skipped']}")
+            continue
+        note = r["note"]
+        if methods and r.get("peak_method"):
+            note += f" [peak: {r['peak_method']}]"
+        if r.get("peak_error"):
+            note += f" [peak memory failed: {r['peak_error']}]"
         lines.append(
             f"{r['name']:<27}{r['forward_s'] * 1e3:>9.2f}{r['forward_ratio']:>7.2f}"
             f"{r['forward_backward_s'] * 1e3:>12.2f}{r['forward_backward_ratio']:>7.2f}"
-            f"{r['peak_bytes'] / 2**20:>9.1f}{r['peak_ratio']:>7.2f}  {r['note']}"
+            f"{r['peak_bytes'] / 2**20:>9.1f}{r['peak_ratio']:>7.2f}  {note}"
         )
     return "\n".join(lines)
 
 
+# --- command line -----------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds, got {text!r}"
+        ) from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number of seconds > 0, got {text!r}"
+        )
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line: ``python -m refimpl.bench --help``.
+
+    Progress goes to stderr, one line per step; each device's table goes to
+    stdout.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m refimpl.bench",
         description="Latency and peak memory of the operators, as ratios to nn.Conv2d.",
@@ -474,49 +845,77 @@ def main(argv: list[str] | None = None) -> int:
         help=f"cases to run (default: all): {', '.join(CASES)}",
     )
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    parser.add_argument("--batch", type=int, default=BenchSpec.batch)
-    parser.add_argument("--in-channels", type=int, default=BenchSpec.in_channels)
-    parser.add_argument("--out-channels", type=int, default=BenchSpec.out_channels)
-    parser.add_argument("--size", type=int, default=BenchSpec.size)
-    parser.add_argument("--kernel-size", type=int, default=BenchSpec.kernel_size)
+    parser.add_argument("--batch", type=_positive_int, default=BenchSpec.batch)
+    parser.add_argument(
+        "--in-channels", type=_positive_int, default=BenchSpec.in_channels
+    )
+    parser.add_argument(
+        "--out-channels", type=_positive_int, default=BenchSpec.out_channels
+    )
+    parser.add_argument("--size", type=_positive_int, default=BenchSpec.size)
+    parser.add_argument(
+        "--kernel-size", type=_positive_int, default=BenchSpec.kernel_size
+    )
     parser.add_argument(
         "--dtype",
         choices=["float32", "float64", "bfloat16", "float16"],
         default="float32",
     )
     parser.add_argument(
-        "--min-run-time", type=float, default=1.0, help="seconds per measurement"
+        "--min-run-time",
+        type=_positive_seconds,
+        default=1.0,
+        help="seconds per measurement",
     )
     parser.add_argument(
-        "--rounds", type=int, default=3, help="interleaved rounds (best is kept)"
+        "--rounds",
+        type=_positive_int,
+        default=3,
+        help="interleaved rounds (best is kept)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None, help="torch CPU threads"
+    )
     args = parser.parse_args(argv)
     names = args.ops or [n for n in CASES if n != "conv2d"]
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = BenchSpec(
-        args.batch, args.in_channels, args.out_channels, args.size, args.kernel_size
-    )
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu", "cuda"]}[args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     if not devices:
         parser.error("CUDA was asked for but is not available")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    spec = BenchSpec(
+        args.batch, args.in_channels, args.out_channels, args.size, args.kernel_size
+    )
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
     for d in devices:
         device = torch.device(d)
         rows = run(
-            names, spec, device, getattr(torch, args.dtype), args.min_run_time,
+            names,
+            spec,
+            device,
+            getattr(torch, args.dtype),
+            args.min_run_time,
             rounds=args.rounds,
+            progress=progress,
         )
-        print(format_table(rows, device, spec))
+        print(format_table(rows, device, spec), flush=True)
         print()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the main of the imported module, so that the cases are registered in
+    # refimpl.bench, where a fresh measuring process finds them, and not in a
+    # second copy of this module named __main__.
+    from refimpl import bench
+
+    sys.exit(bench.main())

@@ -11,7 +11,7 @@ convolution kernel. For every sample it computes routing weights
 
 Three tiers compute the same thing:
 
-* :func:`condconv2d_experts`, the literal mixture of experts: ``n`` convolutions,
+* :func:`condconv2d_reference`, the literal mixture of experts: ``n`` convolutions,
   outputs mixed afterwards (slow, obviously right);
 * :func:`condconv2d`, mix the kernels, then one per-sample convolution through
   :func:`refimpl.per_sample.per_sample_conv2d`;
@@ -25,85 +25,73 @@ per expert. The official TensorFlow code and the timm port store flattened
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._conv import Conv2dBase, init_like_conv2d, spread_kernel
 from ._validation import (
-    check_channels,
+    check_conv_operands,
     check_float_tensor,
-    check_groups,
     check_positive_int,
+    check_same_dtype,
+    check_shape,
     check_tensor,
     pair,
 )
-from .per_sample import per_sample_conv2d
+from .per_sample import _per_sample_conv2d
 
 __all__ = [
     "CondConv2d",
+    "CondRouting",
+    "bank_conv2d",
+    "check_kernel_bank",
     "condconv2d",
-    "condconv2d_experts",
+    "condconv2d_reference",
     "experts_from_flat",
     "experts_to_flat",
     "mix_experts",
+    "mixture_of_convolutions",
 ]
 
 _LAYOUTS = ("timm", "tf")
 
 
-def _check_dtypes(owner: str, x: Tensor, **tensors: Tensor | None) -> None:
-    # Under autocast the matmul and the convolution cast their operands, so mixed
-    # dtypes are legitimate there; outside it they would fail deep inside F.conv2d.
-    if torch.is_autocast_enabled(x.device.type):
-        return
-    for name, t in tensors.items():
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(
-                f"{owner} expected {name} with the dtype of the input ({x.dtype}), "
-                f"got {t.dtype}"
-            )
-
-
-def _check_experts(
+def check_kernel_bank(
     owner: str,
     x: Tensor,
-    routing: Tensor,
+    mixing: Tensor,
+    mixing_name: str,
     weight: Tensor,
     bias: Tensor | None,
     stride,
     padding,
     dilation,
-    groups: int,
-) -> None:
-    pair(stride, "stride", owner=owner)
-    pair(padding, "padding", owner=owner, minimum=0)
-    pair(dilation, "dilation", owner=owner)
-    check_float_tensor(x, "input", owner=owner, ndim=4)
-    check_float_tensor(routing, "routing", owner=owner, ndim=2)
+    groups,
+):
+    """Checks of a functional form that mixes a bank of kernels per sample.
+
+    ``x``: ``Tensor[N, C_in, H, W]``; ``mixing``: ``Tensor[N, K]`` (CondConv's
+    routing, DY-CNN's attention); ``weight``: ``Tensor[K, C_out, C_in/g, kH, kW]``;
+    ``bias``: ``Tensor[K, C_out]`` or ``None``. Returns the parsed ``(stride,
+    padding, dilation, groups)``.
+    """
     check_float_tensor(weight, "weight", owner=owner, ndim=5)
-    groups = check_positive_int(groups, "groups", owner=owner)
-    n, e = x.shape[0], weight.shape[0]
-    if tuple(routing.shape) != (n, e):
-        raise ValueError(
-            f"{owner} expected routing of shape [N, num_experts] = {(n, e)}, got "
-            f"{tuple(routing.shape)}"
-        )
-    c_in = weight.shape[2] * groups
-    if x.shape[1] != c_in:
-        raise ValueError(
-            f"{owner} expected input with {c_in} channels (weight.shape[2] * groups), "
-            f"got {x.shape[1]}"
-        )
+    parsed = check_conv_operands(
+        x, weight.shape[1:], stride, padding, dilation, groups, owner=owner
+    )
+    k, c_out = weight.shape[:2]
+    check_shape(
+        mixing, mixing_name, (x.shape[0], k), owner=owner, layout="[N, num_kernels]"
+    )
     if bias is not None:
-        check_float_tensor(bias, "bias", owner=owner, ndim=2)
-        if tuple(bias.shape) != (e, weight.shape[1]):
-            raise ValueError(
-                f"{owner} expected bias of shape [num_experts, C_out] = "
-                f"{(e, weight.shape[1])}, got {tuple(bias.shape)}"
-            )
-    _check_dtypes(owner, x, routing=routing, weight=weight, bias=bias)
+        check_shape(
+            bias, "bias", (k, c_out), owner=owner, layout="[num_kernels, C_out]"
+        )
+    check_same_dtype(x, owner=owner, **{mixing_name: mixing}, weight=weight, bias=bias)
+    return parsed
 
 
 def mix_experts(
@@ -167,14 +155,11 @@ def condconv2d(
             not match the experts, a bias that is not ``[E, C_out]``, or an invalid
             convolution geometry.
     """
-    _check_experts(
-        "condconv2d", x, routing, weight, bias, stride, padding, dilation, groups
-    )
-    kernel, mixed_bias = mix_experts(routing, weight, bias)
-    return per_sample_conv2d(x, kernel, mixed_bias, stride, padding, dilation, groups)
+    geometry = (stride, padding, dilation, groups)
+    return bank_conv2d("condconv2d", "routing", x, routing, weight, bias, geometry)
 
 
-def condconv2d_experts(
+def condconv2d_reference(
     x: Tensor,
     routing: Tensor,
     weight: Tensor,
@@ -204,29 +189,70 @@ def condconv2d_experts(
     Raises:
         TypeError, ValueError: as :func:`condconv2d`.
     """
-    _check_experts(
-        "condconv2d_experts",
+    geometry = (stride, padding, dilation, groups)
+    return bank_conv2d(
+        "condconv2d_reference",
+        "routing",
         x,
         routing,
         weight,
         bias,
-        stride,
-        padding,
-        dilation,
-        groups,
+        geometry,
+        reference=True,
     )
+
+
+def bank_conv2d(
+    owner: str,
+    mixing_name: str,
+    x: Tensor,
+    mixing: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    geometry: tuple,
+    *,
+    reference: bool = False,
+) -> Tensor:
+    """The operator CondConv and DY-CNN share, checked once for ``owner``.
+
+    Mixes the bank ``weight`` (and ``bias``) with the per-sample weights ``mixing``
+    (CondConv's routing, DY-CNN's attention) and runs one per-sample convolution
+    (:func:`mix_experts`, :func:`refimpl.per_sample.per_sample_conv2d`); with
+    ``reference=True``, the literal mixture of convolutions instead
+    (:func:`mixture_of_convolutions`). ``geometry`` is ``(stride, padding,
+    dilation, groups)``.
+    """
+    parsed = check_kernel_bank(owner, x, mixing, mixing_name, weight, bias, *geometry)
+    if reference:
+        return mixture_of_convolutions(x, mixing, weight, bias, *parsed)
+    kernel, mixed_bias = mix_experts(mixing, weight, bias)
+    return _per_sample_conv2d(x, kernel, mixed_bias, *parsed)
+
+
+def mixture_of_convolutions(
+    x: Tensor,
+    mixing: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> Tensor:
+    """``sum_k mixing[:, k] * conv2d(x, weight[k], bias[k])``, one convolution per
+    kernel: the literal reading shared by CondConv's and DY-CNN's references."""
     out = None
-    for e in range(weight.shape[0]):
+    for k in range(weight.shape[0]):
         y = F.conv2d(
             x,
-            weight[e],
-            None if bias is None else bias[e],
+            weight[k],
+            None if bias is None else bias[k],
             stride,
             padding,
             dilation,
             groups,
         )
-        term = routing[:, e, None, None, None] * y
+        term = mixing[:, k, None, None, None] * y
         out = term if out is None else out + term
     return out
 
@@ -310,24 +336,31 @@ def _check_layout(owner: str, layout: str) -> None:
         raise ValueError(f"{owner} expected layout in {_LAYOUTS}, got {layout!r}")
 
 
-class CondConv2d(nn.Module):
+class CondRouting(NamedTuple):
+    """The input-dependent part of :class:`CondConv2d`."""
+
+    routing: Tensor
+    """``Tensor[N, E]``, sigmoid routing weights in ``(0, 1)``."""
+
+
+class CondConv2d(Conv2dBase):
     """Conditionally parameterized convolution, a drop-in for ``nn.Conv2d``.
 
     Every sample ``x_i`` is convolved with its own kernel, a routing-weighted sum of
-    ``num_experts`` expert kernels:
+    ``num_kernels`` expert kernels:
 
     ``alpha = sigmoid(R GAP(x_i) + c)``,
     ``y_i = (sum_e alpha_e W_e) * x_i + sum_e alpha_e b_e``.
 
     Yang, Bender, Le and Ngiam, "CondConv: Conditionally Parameterized
     Convolutions for Efficient Inference", NeurIPS 2019, arXiv:1904.04971.
-    Chapter 2 derives it and shows that it equals a mixture of ``num_experts``
+    Chapter 2 derives it and shows that it equals a mixture of ``num_kernels``
     convolutions at the cost of one.
 
     Faithful to the official TensorFlow code (``condconv_layers.py`` and the
     routing in ``efficientnet_model.py``):
 
-    * routing is global average pooling, one ``Linear(C_in, num_experts)`` with
+    * routing is global average pooling, one ``Linear(C_in, num_kernels)`` with
       bias, and a sigmoid: no hidden layer, no softmax, no temperature, so the
       weights need not sum to 1; the routing layer is initialised like the
       official dense layer (Glorot-uniform weight, zero bias);
@@ -336,30 +369,30 @@ class CondConv2d(nn.Module):
       shape (Kaiming-uniform with ``a = sqrt(5)``; bias uniform in
       ``+-1/sqrt(fan_in)``);
     * the official EfficientNet shares one routing vector among the convolutions of
-      a block: compute it once with :meth:`routing` and pass it to each layer's
-      ``forward(x, routing)``.
+      a block: compute it once with
+      :meth:`~refimpl._conv.Conv2dBase.dynamic_tensors` and pass it to each
+      layer's ``forward(x, routing)``.
 
     Deviations: the experts are stored as a 5-D bank, not the flattened
     ``[E, num_params]`` matrix of the official code and of timm (convert with
-    :func:`experts_to_flat` / :func:`experts_from_flat`); padding is explicit as in
-    ``nn.Conv2d`` (no TensorFlow ``"same"`` padding, which is asymmetric for even
-    sizes). The layer has no batch normalisation, so a sample's output never
-    depends on the rest of its batch, in training and evaluation alike.
+    :func:`experts_to_flat` / :func:`experts_from_flat`, or load a timm checkpoint
+    with :meth:`~refimpl._conv.Conv2dBase.load_official_state_dict`); padding is
+    ``nn.Conv2d``'s (numbers, ``"same"``, ``"valid"``, any ``padding_mode``), not
+    TensorFlow's ``"same"``, which is asymmetric for even sizes. The layer has no
+    batch normalisation, so a sample's output never depends on the rest of its
+    batch.
 
     Args:
-        in_channels: ``C_in``.
-        out_channels: ``C_out``.
-        kernel_size: ``k`` or ``(kH, kW)``.
-        stride, padding, dilation: ints or pairs, as in ``nn.Conv2d``.
-        groups: channel groups, as in ``nn.Conv2d``.
-        bias: whether each expert has a bias.
-        num_experts: ``E``, the number of expert kernels (8 for the "CondConv (8x)"
-            networks of later papers; the official EfficientNet uses 4 or 8).
+        conv_args: ``nn.Conv2d``'s arguments, ``in_channels`` to ``padding_mode``,
+            with the same meaning; ``bias`` gives each expert a bias.
+        num_kernels: ``E``, the number of expert kernels (the paper's
+            ``num_experts``; 8 for the "CondConv (8x)" networks of later papers,
+            the official EfficientNet uses 4 or 8).
         device, dtype: factory keyword arguments for the parameters.
 
     Shapes:
         ``forward(Tensor[N, C_in, H, W], routing: Tensor[N, E] | None)`` returns
-        ``Tensor[N, C_out, H_out, W_out]``.
+        ``Tensor[N, C_out, H_out, W_out]``; unbatched ``Tensor[C_in, H, W]`` too.
 
     Attributes:
         weight: ``Tensor[E, C_out, C_in/groups, kH, kW]``, the experts.
@@ -369,102 +402,58 @@ class CondConv2d(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        *,
-        num_experts: int = 8,
-        device=None,
-        dtype=None,
+        *conv_args,
+        num_kernels: int = 8,
+        **conv_kwargs,
     ) -> None:
-        super().__init__()
-        owner = type(self).__name__
-        self.in_channels = check_positive_int(in_channels, "in_channels", owner=owner)
-        self.out_channels = check_positive_int(
-            out_channels, "out_channels", owner=owner
+        # nn.Conv2d's arguments are parsed once, by Conv2dBase; the signature
+        # shown by help() and the docs is completed by Conv2dBase.__init_subclass__.
+        super().__init__(*conv_args, **conv_kwargs)
+        self.num_kernels = check_positive_int(
+            num_kernels, "num_kernels", owner=type(self).__name__
         )
-        self.kernel_size = pair(kernel_size, "kernel_size", owner=owner)
-        self.stride = pair(stride, "stride", owner=owner)
-        self.padding = pair(padding, "padding", owner=owner, minimum=0)
-        self.dilation = pair(dilation, "dilation", owner=owner)
-        check_groups(in_channels, out_channels, groups, owner=owner)
-        self.groups = groups
-        self.num_experts = check_positive_int(num_experts, "num_experts", owner=owner)
-        if not isinstance(bias, bool):
-            raise TypeError(f"{owner} expected bias to be a bool, got {bias!r}")
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(
-            torch.empty(
-                num_experts,
-                out_channels,
-                in_channels // groups,
-                *self.kernel_size,
-                **factory,
-            )
-        )
-        if bias:
-            self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.routing_fc = nn.Linear(in_channels, num_experts, **factory)
+        factory = self.factory_kwargs
+        self.weight = self.kernel_bank(self.num_kernels)
+        self.bias = self.bias_parameter(self.num_kernels)
+        self.routing_fc = nn.Linear(self.in_channels, self.num_kernels, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Initialise every expert like an ``nn.Conv2d`` and the routing like TF's."""
-        with torch.no_grad():
-            for expert in self.weight:
-                # One expert at a time: on the 5-D bank, fan_in would count C_out.
-                nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
-            if self.bias is not None:
-                fan_in = self.weight[0, 0].numel()
-                bound = 1.0 / math.sqrt(fan_in)
-                nn.init.uniform_(self.bias, -bound, bound)
-            nn.init.xavier_uniform_(self.routing_fc.weight)
-            nn.init.zeros_(self.routing_fc.bias)
+        init_like_conv2d(self.weight, self.bias)
+        nn.init.xavier_uniform_(self.routing_fc.weight)
+        nn.init.zeros_(self.routing_fc.bias)
 
-    def _check_input(self, x: object) -> Tensor:
-        owner = type(self).__name__
-        check_float_tensor(x, "input", owner=owner, ndim=4)
-        check_channels(x, self.in_channels, owner=owner)
-        if (
-            not torch.is_autocast_enabled(x.device.type)
-            and x.dtype != self.weight.dtype
-        ):
-            raise TypeError(
-                f"{owner} expected input of dtype {self.weight.dtype} (the dtype of "
-                f"its parameters), got {x.dtype}"
-            )
-        return x
+    def _options(self):
+        yield "num_kernels", self.num_kernels, 8
 
-    def routing(self, x: Tensor) -> Tensor:
-        """Routing weights ``sigmoid(routing_fc(GAP(x)))``.
+    def _dynamic(self, x: Tensor) -> CondRouting:
+        return CondRouting(torch.sigmoid(self.routing_fc(x.mean(dim=(2, 3)))))
 
-        Args:
-            x: ``Tensor[N, C_in, H, W]``.
+    def _forward(self, x: Tensor, routing: Tensor | None = None) -> Tensor:
+        if routing is None:
+            (routing,) = self._dynamic(x)
+        kernel, bias = mix_experts(routing, self.weight, self.bias)
+        return _per_sample_conv2d(
+            self.pad(x),
+            kernel,
+            bias,
+            self.stride,
+            self.op_padding,
+            self.dilation,
+            self.groups,
+        )
 
-        Returns:
-            ``Tensor[N, E]`` with entries in ``(0, 1)``.
-
-        Raises:
-            TypeError, ValueError: for an input that is not a floating
-                ``Tensor[N, C_in, H, W]``.
-        """
-        x = self._check_input(x)
-        return torch.sigmoid(self.routing_fc(x.mean(dim=(2, 3))))
-
-    def forward(self, x: Tensor, routing: Tensor | None = None) -> Tensor:
-        """Apply CondConv to ``x``.
+    def forward(self, input: Tensor, routing: Tensor | None = None) -> Tensor:
+        """Apply CondConv to ``input``.
 
         Args:
-            x: ``Tensor[N, C_in, H, W]``.
-            routing: optional ``Tensor[N, E]`` computed outside, e.g. by another
-                layer's :meth:`routing` to share one routing vector per block as
-                the official EfficientNet does. ``None`` computes it from ``x``.
+            input: ``Tensor[N, C_in, H, W]`` or unbatched ``Tensor[C_in, H, W]``.
+            routing: optional ``Tensor[N, E]`` (``Tensor[E]`` for an unbatched
+                input) computed outside, e.g. by another layer's
+                :meth:`~refimpl._conv.Conv2dBase.dynamic_tensors`, to share one
+                routing vector per block as the official EfficientNet does.
+                ``None`` computes it from ``input``.
 
         Returns:
             ``Tensor[N, C_out, H_out, W_out]``, the size of ``nn.Conv2d``'s output.
@@ -474,38 +463,48 @@ class CondConv2d(nn.Module):
             ValueError: for an input without ``C_in`` channels or a routing that is
                 not ``[N, E]``.
         """
-        x = self._check_input(x)
-        if routing is None:
-            routing = self.routing(x)
-        else:
-            owner = type(self).__name__
-            check_float_tensor(routing, "routing", owner=owner, ndim=2)
-            expected = (x.shape[0], self.num_experts)
-            if tuple(routing.shape) != expected:
-                raise ValueError(
-                    f"{owner} expected routing of shape [N, num_experts] = "
-                    f"{expected}, got {tuple(routing.shape)}"
+        x, unbatched = self._check_input(input)
+        if routing is not None:
+            if unbatched:
+                check_shape(
+                    routing,
+                    "routing",
+                    (self.num_kernels,),
+                    owner=type(self).__name__,
+                    layout="[num_kernels]",
                 )
-        return condconv2d(
-            x,
-            routing,
-            self.weight,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-        )
+                routing = routing.unsqueeze(0)
+            check_shape(
+                routing,
+                "routing",
+                (x.shape[0], self.num_kernels),
+                owner=type(self).__name__,
+                layout="[N, num_kernels]",
+            )
+        return self._finish(self._forward(x, routing), x, unbatched)
 
-    def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}"
-        )
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        return s + f", num_experts={self.num_experts}"
+    def _preserve(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Function-preserving start: a zero routing matrix makes every
+        ``alpha_e = sigmoid(0) = 1/2``, and the experts are ``2 W / E`` plus
+        zero-sum perturbations (:func:`refimpl._conv.spread_kernel`), so the mixed
+        kernel is ``W`` for every input. The routing bias stays zero."""
+        scale = 0.5 * self.num_kernels
+        nn.init.zeros_(self.routing_fc.weight)
+        nn.init.zeros_(self.routing_fc.bias)
+        self.weight.copy_(spread_kernel(weight, self.weight, scale))
+        if self.bias is not None:
+            self.bias.copy_(bias.to(self.bias.dtype).expand_as(self.bias) / scale)
+
+    def _official_names(self):
+        """timm's ``CondConv2d`` (``weight [E, C_out*C_in/g*kH*kW]``, ``bias
+        [E, C_out]``) and the routing layer of its block, ``routing_fn``
+        (``nn.Linear(C_in, E)``)."""
+        e, c_out = self.num_kernels, self.out_channels
+        names = {
+            "weight": ("weight", (e, self.weight[0].numel())),
+            "routing_fc.weight": ("routing_fn.weight", (e, self.in_channels)),
+            "routing_fc.bias": ("routing_fn.bias", (e,)),
+        }
+        if self.bias is not None:
+            names["bias"] = ("bias", (e, c_out))
+        return names

@@ -6,7 +6,7 @@ scales every tap by a learned modulation ("mask"). This module holds
 
 * :func:`deform_conv2d`: the operator, with the signature, tensor layout and
   border rule of ``torchvision.ops.deform_conv2d``, written in plain PyTorch;
-* :func:`deform_conv2d_loops`: a literal-loop reference written from the
+* :func:`deform_conv2d_reference`: a literal-loop reference written from the
   papers' equations, used by the tests and the chapter;
 * :class:`DeformConv2d`: a drop-in replacement for ``nn.Conv2d`` that predicts
   its own offsets (and mask) with a zero-initialised convolution.
@@ -19,22 +19,28 @@ output positions so that the columns never occupy more than a fixed budget.
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ._conv import Conv2dBase, init_like_conv2d
 from ._validation import (
-    check_channels,
+    check_bool,
     check_float_tensor,
-    check_groups,
     check_positive_int,
+    check_real,
     pair,
 )
 
-__all__ = ["deform_conv2d", "deform_conv2d_loops", "DeformConv2d"]
+__all__ = [
+    "DeformConv2d",
+    "DeformSampling",
+    "deform_conv2d",
+    "deform_conv2d_reference",
+]
 
 _OWNER = "deform_conv2d"
 
@@ -42,8 +48,8 @@ _OWNER = "deform_conv2d"
 # 16 MB in float32. Larger inputs are processed in chunks of output positions.
 COLUMN_BUDGET = 1 << 22
 
-# Zero rows and columns added around the input so that every bilinear corner,
-# after clamping, lands on a real pixel or on a zero: see ``_corners``.
+# Zero rows and columns added around the input so that every bilinear corner lands
+# on a real pixel or on a zero: see ``_corners``.
 _PAD = 2
 
 
@@ -152,26 +158,37 @@ def _corners(y, x, height, width, subgroups):
     """Table rows and bilinear weights of the four neighbours of every point.
 
     The table is the input padded by ``_PAD`` zeros on every side, channels last,
-    with its channels split into ``G' = subgroups`` rows per pixel. A corner
-    outside the image must read zero: clamping the top-left corner to
-    ``[-2, size]`` keeps both it and its ``+1`` neighbour inside the padded
-    table and on zeros whenever they are outside the image, without any mask.
-    So the value is zero beyond ``(-1, size)``, as in torchvision, and the
-    gradients are those of torchvision too (one-sided at integer points: the
+    with its channels split into ``G' = subgroups`` rows per pixel. A point
+    before ``-1`` or from ``size`` on, in either direction, reads zero with a
+    zero gradient, as in torchvision: it is moved to ``(-2, -2)``, whose four
+    corners are all padding. Any other point has its top-left corner in
+    ``[-1, size - 1]``, so that corner and its ``+1`` neighbour both lie in the
+    padded table, on zeros wherever they are outside the image. The value is
+    zero on the line ``-1`` too (the image's corners have weight 0 there) and
+    the gradients are those of torchvision (one-sided at integer points: the
     cell is always ``[floor(p), floor(p) + 1]``).
+
+    A NaN coordinate is kept (and the other one, if not NaN, moved to ``-2``):
+    the four weights are NaN, on rows of padding, so every output that reads
+    the point is NaN and nothing else is. An infinite or huge coordinate is
+    simply outside.
 
     Returns ``index`` (int64) and ``weight``, both ``Tensor[N, H_out, W_out, G',
     taps, 4]``; corners in the order (top-left, top-right, bottom-left,
     bottom-right).
     """
     n, _, _, groups, _ = y.shape
-    y0 = y.detach().floor()
-    x0 = x.detach().floor()
+    inside = (y >= -1) & (y < height) & (x >= -1) & (x < width)  # False for NaN
+    # where() before any arithmetic, so that no inf - inf reaches the gradient
+    y = torch.where(inside | torch.isnan(y), y, -_PAD)
+    x = torch.where(inside | torch.isnan(x), x, -_PAD)
+    y0 = torch.nan_to_num(y.detach().floor(), nan=-_PAD)
+    x0 = torch.nan_to_num(x.detach().floor(), nan=-_PAD)
     ly, lx = y - y0, x - x0  # the gradient w.r.t. the offset flows through these
     hy, hx = 1 - ly, 1 - lx
     weight = torch.stack((hy * hx, hy * lx, ly * hx, ly * lx), dim=-1)
-    row = y0.clamp(-_PAD, height).long() + _PAD
-    col = x0.clamp(-_PAD, width).long() + _PAD
+    row = y0.long() + _PAD
+    col = x0.long() + _PAD
     padded_w = width + 2 * _PAD
     batch = torch.arange(n, device=y.device).view(n, 1, 1, 1, 1)
     pixel = (batch * (height + 2 * _PAD) + row) * padded_w + col
@@ -179,12 +196,55 @@ def _corners(y, x, height, width, subgroups):
     split = subgroups // groups
     sub = torch.arange(subgroups, device=y.device).view(groups, split, 1)
     index = pixel.unsqueeze(-2) * subgroups + sub  # [N, Ho, Wo, G, split, taps]
-    steps = torch.tensor(
-        [0, 1, padded_w, padded_w + 1], device=y.device
-    ) * subgroups
+    # corner steps (0, 1, Wp, Wp + 1) in table rows, as tensor arithmetic so that
+    # a symbolic width (torch.compile, torch.export) stays symbolic
+    right = torch.tensor([0, 1, 0, 1], device=y.device)
+    down = torch.tensor([0, 0, 1, 1], device=y.device)
+    steps = (right + down * padded_w) * subgroups
     index = (index.unsqueeze(-1) + steps).flatten(3, 4)
     weight = weight.unsqueeze(-3).expand(-1, -1, -1, -1, split, -1, -1)
     return index, weight.flatten(3, 4)
+
+
+def _skip_untouched(index, weight, table):
+    """Point the corners of weight 0 that hold a non-finite pixel at a zero row.
+
+    ``embedding_bag`` multiplies every listed row by its weight, and
+    ``0 * inf`` is NaN: a pixel that the point does not touch (a corner of
+    weight exactly 0, at an integer coordinate) would poison the sample.
+    Row 0 of the table is padding. Corners on finite pixels are kept, since
+    the one-sided gradient at integer points reads them.
+
+    On a CPU in eager mode this bookkeeping (a gather per corner) would cost a
+    fifth of the forward pass, so it runs only when one sum of the table says
+    that it holds a non-finite value; on other devices and under
+    ``torch.compile`` it always runs, without a data-dependent branch or a wait
+    for the device.
+
+    ``index``/``weight``: ``Tensor[..., 4]``; ``table``: ``Tensor[rows, C']``.
+    Returns the new ``index``.
+    """
+    if table.device.type == "cpu" and not torch.compiler.is_compiling():
+        wide = torch.promote_types(table.dtype, torch.float32)  # no fp16 overflow
+        if torch.isfinite(table.detach().sum(dtype=wide)):
+            return index
+    nonfinite = ~torch.isfinite(table).all(dim=1)
+    return index.masked_fill((weight == 0) & nonfinite[index], 0)
+
+
+def _lcm(a, b):
+    """Least common multiple of two channel counts, as a plain int.
+
+    ``int()`` because under ``torch.compile(dynamic=True)`` the channel counts
+    may be symbolic (the graph is then specialised to them, not to the batch or
+    the spatial size); Euclid's loop because the compiler does not trace
+    ``math.lcm``.
+    """
+    a, b = int(a), int(b)
+    x, y = a, b
+    while y:
+        x, y = y, x % y
+    return a // x * b
 
 
 def _table(input, subgroups):
@@ -206,7 +266,9 @@ def _deform_rows(table, index, weight, wmat, bias):
     # one weighted sum of four table rows per (position, sub-group, tap):
     # the columns [R, G' * taps * C_in/G'] of the deformed grid
     columns = F.embedding_bag(
-        index.reshape(-1, 4), table, per_sample_weights=weight.reshape(-1, 4),
+        index.reshape(-1, 4),
+        table,
+        per_sample_weights=weight.reshape(-1, 4),
         mode="sum",
     )
     groups, per_group = wmat.shape[0], wmat.shape[1]
@@ -218,6 +280,39 @@ def _deform_rows(table, index, weight, wmat, bias):
     columns = columns.reshape(rows, groups, per_group).transpose(0, 1)
     out = torch.bmm(columns, wmat).transpose(0, 1).reshape(rows, groups * wmat.shape[2])
     return out if bias is None else out + bias
+
+
+def _chunked_rows(table, index, weight, wmat, bias, rows, columns_per_row):
+    """:func:`_deform_rows` in chunks of at most ``COLUMN_BUDGET`` column entries.
+
+    Recomputing a chunk's columns in the backward pass (as torchvision does)
+    keeps only the inputs alive between the passes, not the columns.
+    Returns ``Tensor[R, C_out]``.
+    """
+    chunk = max(1, COLUMN_BUDGET // columns_per_row)
+    recompute = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (table, weight, wmat, bias)
+    )
+    outs = []
+    for start in range(0, max(rows, 1), chunk):
+        rows_part = slice(start, start + chunk)
+        part = (table, index[rows_part], weight[rows_part], wmat, bias)
+        if recompute:
+            outs.append(checkpoint(_deform_rows, *part, use_reentrant=False))
+        else:
+            outs.append(_deform_rows(*part))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _refuse_tracing() -> None:
+    """Raise under ``torch.jit.trace``, before any size is read as a constant."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            f"{_OWNER} does not support torch.jit.trace: the traced graph would "
+            f"keep the sizes of the example input and give wrong results at any "
+            f"other size. Use torch.export.export (with torch.export.Dim for the "
+            f"dynamic sizes) or torch.compile instead"
+        )
 
 
 def deform_conv2d(
@@ -248,8 +343,12 @@ def deform_conv2d(
     Same signature, layout and results as ``torchvision.ops.deform_conv2d``
     (values and gradients agree to rounding, including at the image border and
     at integer sampling points), but written in plain PyTorch, so it runs on
-    any device and dtype, under autocast and ``torch.compile``. On a CPU it is
-    faster than torchvision's kernel, forward and backward.
+    any device and dtype, under autocast, ``torch.compile`` and
+    ``torch.export``. On a CPU it is faster than torchvision's kernel, forward
+    and backward. Under ``torch.compile``/``torch.export`` the columns are built
+    in one piece (no chunks, no recomputation in the backward), so that one
+    graph serves every batch and spatial size. ``torch.jit.trace`` is refused:
+    a traced graph would keep the sizes of the example input.
 
     Layout: offset group ``g`` covers input channels
     ``[g*C_in/G, (g+1)*C_in/G)``; its taps are in row-major order and the
@@ -258,6 +357,28 @@ def deform_conv2d(
     scales that tap. The sampling point of tap ``(i, j)`` at output ``(y, x)`` is
     ``(y*stride_h - pad_h + i*dil_h + dy, x*stride_w - pad_w + j*dil_w + dx)``.
     No activation is applied to ``mask`` (the caller applies its sigmoid).
+
+    Non-finite values never raise, and reach only the outputs that read them:
+
+    * an infinite (or huge) offset puts the point outside the image, where it
+      reads zero: the output is finite, as in torchvision, and the gradient
+      of that offset is 0 (torchvision's is NaN);
+    * a NaN offset (either coordinate) leaves that sample undefined: NaN at
+      exactly the outputs that read it (at that position, the output channels
+      whose weight group holds channels of that offset group). torchvision's
+      kernels convert a NaN coordinate to an integer index, which is undefined
+      behaviour in C++ (it can read outside the image), so there is no meaning
+      to follow there;
+    * a NaN or infinite pixel enters a sample only where its bilinear weight is
+      non-zero. Deviation: torchvision also multiplies the corners of weight
+      exactly 0 inside the image (the lower or right neighbours of an integer
+      sampling point, e.g. every tap at zero offsets), so ``0 * inf`` makes NaN
+      outputs that do not depend on that pixel; here, as in
+      :func:`deform_conv2d_reference` and in ``F.conv2d`` at zero offsets, they
+      stay finite. Elsewhere the non-finite pattern is torchvision's.
+
+    After sampling the arithmetic is IEEE's, as in torchvision: a mask or weight
+    of 0 times an infinite sample is NaN.
 
     Args:
         input: ``Tensor[N, C_in, H, W]``.
@@ -280,18 +401,32 @@ def deform_conv2d(
             is not an int or pair of ints.
         ValueError: inconsistent shapes (offset or mask channels, groups that do
             not divide, offset/mask spatial size different from the output).
+        RuntimeError: called under ``torch.jit.trace``.
     """
-    stride, padding, dilation, groups, offset_groups, out_h, out_w = _check(
+    _refuse_tracing()
+    stride, padding, dilation, *_ = _check(
         input, offset, weight, bias, stride, padding, dilation, mask, _OWNER
     )
+    return _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+def _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask):
+    """:func:`deform_conv2d` on checked arguments (sizes as pairs), for the layer,
+    which checks its input once at its own boundary."""
+    _refuse_tracing()
     n, c_in, h, w = input.shape
-    c_out, _, kh, kw = weight.shape
+    c_out, c_in_g, kh, kw = weight.shape
     taps = kh * kw
+    groups = c_in // c_in_g
+    offset_groups = offset.shape[1] // (2 * taps)
+    out_h, out_w = offset.shape[2], offset.shape[3]
     # Channels are gathered in sub-groups fine enough to serve both groupings,
     # so that every weight group reads a contiguous slice of the columns.
-    subgroups = math.lcm(offset_groups, groups)
+    subgroups = _lcm(offset_groups, groups)
     y, x = _sampling_points(offset, (kh, kw), stride, padding, dilation)
     index, bil = _corners(y, x, h, w, subgroups)
+    table = _table(input, subgroups)
+    index = _skip_untouched(index, bil, table)
     if mask is not None:
         m = mask.reshape(n, offset_groups, 1, taps, out_h, out_w)
         m = m.permute(0, 4, 5, 1, 2, 3).to(bil.dtype)
@@ -301,28 +436,19 @@ def deform_conv2d(
     rows = n * out_h * out_w
     index = index.reshape(rows, subgroups, taps, 4)
     bil = bil.reshape(rows, subgroups, taps, 4).to(input.dtype)
-    table = _table(input, subgroups)
     # weight [C_out, C_in/groups, kh, kw]
     #     -> [groups, (sub-group, tap, channel), C_out/groups]
     per = subgroups // groups
     wmat = weight.reshape(groups, c_out // groups, per, c_in // subgroups, taps)
     wmat = wmat.permute(0, 2, 4, 3, 1).reshape(groups, -1, c_out // groups)
 
-    chunk = max(1, COLUMN_BUDGET // (c_in * taps))
-    # Recomputing a chunk's columns in the backward pass (as torchvision does)
-    # keeps only the inputs alive between the passes, not the columns.
-    recompute = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, offset, weight, bias, mask)
-    )
-    outs = []
-    for start in range(0, max(rows, 1), chunk):
-        rows_part = slice(start, start + chunk)
-        part = (table, index[rows_part], bil[rows_part], wmat, bias)
-        if recompute:
-            outs.append(checkpoint(_deform_rows, *part, use_reentrant=False))
-        else:
-            outs.append(_deform_rows(*part))
-    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    if torch.compiler.is_compiling():
+        # One chunk: a loop over the (symbolic) number of rows would make the
+        # compiler specialise the graph to each batch and spatial size; the
+        # compiler plans the memory of the columns itself.
+        out = _deform_rows(table, index, bil, wmat, bias)
+    else:
+        out = _chunked_rows(table, index, bil, wmat, bias, rows, c_in * taps)
     out = out.reshape(n, out_h, out_w, c_out).permute(0, 3, 1, 2)
     channels_last = input.is_contiguous(memory_format=torch.channels_last)
     if channels_last and not input.is_contiguous():
@@ -335,16 +461,22 @@ def deform_conv2d(
 
 def _bilinear_literal(image: Tensor, py: Tensor, px: Tensor) -> Tensor:
     r""":math:`x(p) = \sum_q G(q, p)\, x(q)` over every pixel ``q`` of the image,
-    with :math:`G(q, p) = \max(0, 1-|q_y-p_y|)\max(0, 1-|q_x-p_x|)`."""
+    with :math:`G(q, p) = \max(0, 1-|q_y-p_y|)\max(0, 1-|q_x-p_x|)`.
+
+    The terms with :math:`G = 0` are left out rather than multiplied, so that a
+    NaN or infinite pixel reaches only the points it touches (``0 * inf`` is
+    NaN); a NaN coordinate makes every :math:`G` NaN, hence a NaN sample.
+    """
     h, w = image.shape
     qy = torch.arange(h, device=image.device, dtype=py.dtype)
     qx = torch.arange(w, device=image.device, dtype=px.dtype)
     gy = torch.clamp(1 - (qy - py).abs(), min=0)
     gx = torch.clamp(1 - (qx - px).abs(), min=0)
-    return (gy[:, None] * gx[None, :] * image).sum()
+    g = gy[:, None] * gx[None, :]
+    return (g * torch.where(g != 0, image, 0)).sum()
 
 
-def deform_conv2d_loops(
+def deform_conv2d_reference(
     input: Tensor,
     offset: Tensor,
     weight: Tensor,
@@ -390,8 +522,15 @@ def deform_conv2d_loops(
         ValueError: as :func:`deform_conv2d`.
     """
     (sh, sw), (ph, pw), (dh, dw), groups, offset_groups, out_h, out_w = _check(
-        input, offset, weight, bias, stride, padding, dilation, mask,
-        "deform_conv2d_loops",
+        input,
+        offset,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        mask,
+        "deform_conv2d_reference",
     )
     n, c_in, _, _ = input.shape
     c_out, c_per_group, kh, kw = weight.shape
@@ -427,7 +566,16 @@ def deform_conv2d_loops(
 # --- the module ---------------------------------------------------------------------
 
 
-class DeformConv2d(nn.Module):
+class DeformSampling(NamedTuple):
+    """The input-dependent part of :class:`DeformConv2d`."""
+
+    offset: Tensor
+    """``Tensor[N, 2*G*kh*kw, H_out, W_out]``, in torchvision's layout."""
+    mask: Tensor | None
+    """``Tensor[N, G*kh*kw, H_out, W_out]`` after the scaled sigmoid, or ``None``."""
+
+
+class DeformConv2d(Conv2dBase):
     r"""Deformable convolution that predicts its own offsets: a drop-in ``nn.Conv2d``.
 
     A convolution ``conv_offset`` with the same kernel size, stride, padding and
@@ -443,102 +591,76 @@ class DeformConv2d(nn.Module):
     the default ``2.0`` is the official DCNv2 example
     (msracver/Deformable-ConvNets, ``DCNv2_op/example_symbol.py``), whose mask
     starts at exactly 1, so a fresh layer *is* the plain convolution, with or
-    without modulation, and can replace a trained ``nn.Conv2d`` without changing
-    the network. ``mask_scale=1.0`` gives the paper's :math:`[0, 1]` range and
-    mmcv's ``ModulatedDeformConv2dPack`` (mask 0.5 at the start, so the fresh
+    without modulation. ``mask_scale=1.0`` gives the paper's :math:`[0, 1]` range
+    and mmcv's ``ModulatedDeformConv2dPack`` (mask 0.5 at the start, so the fresh
     layer is half the plain convolution). The official codes train
     ``conv_offset`` with a 0.1x learning rate (DCNv2); give its parameters their
     own optimiser group to do the same.
 
     ``weight`` and ``bias`` have ``nn.Conv2d``'s shapes and initialisation, drawn
     in the same order, so under the same seed they equal those of
-    ``nn.Conv2d(in_channels, out_channels, kernel_size, ...)``.
+    ``nn.Conv2d(in_channels, out_channels, kernel_size, ...)``. With a
+    ``padding_mode`` other than zeros (or an asymmetric ``"same"``) the input is
+    padded once and both ``conv_offset`` and the deformable sampling read the
+    padded map; sampling points beyond it read zeros.
 
     Args:
-        in_channels: ``C_in``.
-        out_channels: ``C_out``.
-        kernel_size: int or pair ``(kh, kw)``.
-        stride: int or pair.
-        padding: int or pair (zeros).
-        dilation: int or pair.
-        groups: weight groups, dividing ``C_in`` and ``C_out``.
-        bias: learn an additive bias.
+        conv_args: ``nn.Conv2d``'s arguments, ``in_channels`` to ``padding_mode``,
+            with the same meaning.
         offset_groups: ``G``, the number of channel groups with their own
             offsets (the papers' deformable groups); divides ``C_in``.
         modulated: DCNv2 (predict a mask) instead of DCNv1.
         mask_scale: factor of the sigmoid mask (2.0: official DCNv2; 1.0: mmcv).
-        device: parameter device.
-        dtype: parameter dtype.
+        device, dtype: factory keyword arguments.
 
     Shapes:
         ``forward(Tensor[N, C_in, H, W]) -> Tensor[N, C_out, H_out, W_out]``.
 
     Raises:
-        ValueError: groups or offset_groups that do not divide the channels, an
-            input with the wrong number of channels.
+        TypeError, ValueError: bad arguments or input, before any computation.
     """
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        *,
+        *conv_args,
         offset_groups: int = 1,
         modulated: bool = False,
         mask_scale: float = 2.0,
-        device=None,
-        dtype=None,
+        **conv_kwargs,
     ) -> None:
-        super().__init__()
+        # nn.Conv2d's arguments are parsed once, by Conv2dBase; the signature
+        # shown by help() and the docs is completed by Conv2dBase.__init_subclass__.
+        super().__init__(*conv_args, **conv_kwargs)
         owner = type(self).__name__
-        check_groups(in_channels, out_channels, groups, owner=owner)
-        check_positive_int(offset_groups, "offset_groups", owner=owner)
-        if in_channels % offset_groups:
+        self.offset_groups = check_positive_int(
+            offset_groups, "offset_groups", owner=owner
+        )
+        if self.in_channels % self.offset_groups:
             raise ValueError(
                 f"{owner} expected offset_groups to divide in_channels, got "
-                f"in_channels={in_channels}, offset_groups={offset_groups}"
+                f"in_channels={self.in_channels}, offset_groups={self.offset_groups}"
             )
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = pair(kernel_size, "kernel_size", owner=owner)
-        self.stride = pair(stride, "stride", owner=owner)
-        self.padding = pair(padding, "padding", owner=owner, minimum=0)
-        self.dilation = pair(dilation, "dilation", owner=owner)
-        self.groups = groups
-        self.offset_groups = offset_groups
-        self.modulated = bool(modulated)
-        self.mask_scale = float(mask_scale)
-        factory = {"device": device, "dtype": dtype}
+        self.modulated = check_bool(modulated, "modulated", owner=owner)
+        self.mask_scale = check_real(mask_scale, "mask_scale", owner=owner, minimum=0.0)
+        factory = self.factory_kwargs
         kh, kw = self.kernel_size
-        self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, kh, kw, **factory)
-        )
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
+        self.weight = self.kernel_bank()
+        self.bias = self.bias_parameter()
         # nn.Conv2d's draws first, so that under one seed weight and bias equal
         # those of the nn.Conv2d this layer replaces
-        self._reset_conv_parameters()
+        init_like_conv2d(self.weight, self.bias)
         per_tap = 3 if self.modulated else 2
         self.conv_offset = nn.Conv2d(
-            in_channels, per_tap * offset_groups * kh * kw, self.kernel_size,
-            self.stride, self.padding, self.dilation, bias=True, **factory,
+            self.in_channels,
+            per_tap * self.offset_groups * kh * kw,
+            self.kernel_size,
+            self.stride,
+            self.op_padding,
+            self.dilation,
+            bias=True,
+            **factory,
         )
         self._reset_offset_parameters()
-
-    def _reset_conv_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight.shape[1] * self.weight.shape[2] * self.weight.shape[3]
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
 
     def _reset_offset_parameters(self) -> None:
         # zero offsets (and mask logits): a fresh layer samples the regular grid
@@ -547,51 +669,62 @@ class DeformConv2d(nn.Module):
 
     def reset_parameters(self) -> None:
         """Re-draw ``weight``/``bias`` as ``nn.Conv2d`` does; zero ``conv_offset``."""
-        self._reset_conv_parameters()
+        init_like_conv2d(self.weight, self.bias)
         self._reset_offset_parameters()
 
-    def offsets_and_mask(self, input: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The predicted offsets and mask for ``input``.
+    def _options(self):
+        yield "offset_groups", self.offset_groups, 1
+        yield "modulated", self.modulated, False
+        if self.modulated:
+            yield "mask_scale", self.mask_scale, 2.0
 
-        Args:
-            input: ``Tensor[N, C_in, H, W]``.
-
-        Returns:
-            ``(offset, mask)``: ``Tensor[N, 2*G*kh*kw, H_out, W_out]`` in
-            torchvision's layout and ``Tensor[N, G*kh*kw, H_out, W_out]`` (after
-            the scaled sigmoid), or ``None`` when not ``modulated``.
-        """
-        check_float_tensor(input, "input", owner=type(self).__name__, ndim=4)
-        check_channels(input, self.in_channels, owner=type(self).__name__)
-        out = self.conv_offset(input)
+    def _sampling(self, x_padded: Tensor) -> DeformSampling:
+        out = self.conv_offset(x_padded)
         if not self.modulated:
-            return out, None
+            return DeformSampling(out, None)
         n_offsets = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
         offset, logits = out[:, :n_offsets], out[:, n_offsets:]
-        return offset, self.mask_scale * torch.sigmoid(logits)
+        return DeformSampling(offset, self.mask_scale * torch.sigmoid(logits))
 
-    def forward(self, input: Tensor) -> Tensor:
-        """``Tensor[N, C_in, H, W] -> Tensor[N, C_out, H_out, W_out]``."""
-        offset, mask = self.offsets_and_mask(input)
-        return deform_conv2d(
-            input, offset, self.weight, self.bias, self.stride, self.padding,
-            self.dilation, mask,
+    def _dynamic(self, x: Tensor) -> DeformSampling:
+        return self._sampling(self.pad(x))
+
+    def _forward(self, x: Tensor) -> Tensor:
+        x = self.pad(x)
+        offset, mask = self._sampling(x)
+        return _deform_conv2d(
+            x,
+            offset,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.op_padding,
+            self.dilation,
+            mask,
         )
 
-    def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}"
-        )
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        s += f", offset_groups={self.offset_groups}, modulated={self.modulated}"
-        if self.modulated:
-            s += f", mask_scale={self.mask_scale}"
-        return s
+    def _preserve(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Function-preserving start: zero offsets sample the regular grid, and
+        the initial mask ``mask_scale / 2`` is divided out of the copied weight
+        (nothing to divide with the default ``mask_scale=2``)."""
+        self._reset_offset_parameters()
+        scale = self.mask_scale / 2 if self.modulated else 1.0
+        self.weight.copy_(weight / scale)
+        if self.bias is not None:
+            self.bias.copy_(bias)
+
+    def _official_names(self):
+        """torchvision's ``DeformConv2d`` (``weight``, ``bias``) with mmcv's offset
+        branch ``conv_offset`` (``DeformConv2dPack`` / ``ModulatedDeformConv2dPack``:
+        offsets first, then the mask logits): the names and layouts are this
+        layer's own. mmcv's mask is ``sigmoid``: build with ``mask_scale=1.0``."""
+        if self.modulated and self.mask_scale != 1.0:
+            raise ValueError(
+                f"{type(self).__name__}.load_official_state_dict expected "
+                f"mask_scale=1.0 (mmcv's mask is sigmoid(logits)), got "
+                f"mask_scale={self.mask_scale}; the checkpoint would compute "
+                f"another function"
+            )
+        return {
+            key: (key, tuple(value.shape)) for key, value in self.state_dict().items()
+        }

@@ -15,7 +15,8 @@ The authors published no code. Every choice the paper leaves open is stated in
 the docstring that makes it; none of the quirks of the unofficial port
 (kaijieshi7/Dynamic-convolution-Pytorch) is copied:
 
-* attention hidden width ``max(C_in // reduction, 4)``, not ``int(C_in / 4) + 1``;
+* attention hidden width ``max(floor(C_in * reduction), min_hidden)``, with
+  ``reduction=0.25`` and ``min_hidden=4``, not ``int(C_in / 4) + 1``;
 * no BatchNorm in the attention branch, so a sample's output never depends on
   the rest of its batch and ``train()``/``eval()`` give the same result;
 * the temperature is a validated attribute driven by :func:`temperature_schedule`
@@ -26,82 +27,36 @@ the docstring that makes it; none of the quirks of the unofficial port
 
 from __future__ import annotations
 
-import math
-import numbers
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validation import (
-    check_channels,
-    check_float_tensor,
-    check_groups,
-    check_positive_int,
-    pair,
+from ._conv import (
+    Conv2dBase,
+    TemperatureMixin,
+    hidden_width,
+    init_like_conv2d,
+    spread_kernel,
 )
-from .condconv import mix_experts
-from .per_sample import per_sample_conv2d
+
+# chapter 3 drives the temperature with it; it lives with TemperatureMixin
+from ._conv import set_temperature as set_temperature
+from ._validation import check_positive_int, check_real
+from .condconv import bank_conv2d, mix_experts
+from .per_sample import _per_sample_conv2d
 
 __all__ = [
-    "MIN_HIDDEN",
     "DynamicConv2d",
-    "attention_hidden_width",
+    "KernelAttention",
     "dynamic_conv2d",
     "dynamic_conv2d_reference",
     "kernel_attention",
-    "set_temperature",
     "temperature_schedule",
 ]
 
-MIN_HIDDEN = 4
-"""Smallest hidden width of the attention branch, see :func:`attention_hidden_width`."""
-
-
-def attention_hidden_width(in_channels: int, reduction: int) -> int:
-    """Hidden width of the attention branch: ``max(in_channels // reduction, 4)``.
-
-    The paper squeezes ``C_in`` by 4 in the first fully connected layer
-    (chapter 3). With ``in_channels < 4 * reduction`` the plain quotient would be
-    tiny or zero (an RGB input gives ``3 // 4 == 0``), so the width never drops
-    below :data:`MIN_HIDDEN`. Layers with ``in_channels >= 16`` are unaffected,
-    which keeps the parameter counts of ResNet and MobileNetV2 recipes unchanged.
-
-    Args:
-        in_channels: channels of the layer input, ``C_in``.
-        reduction: squeeze factor of the first fully connected layer.
-
-    Returns:
-        The hidden width, an int ``>= 4``.
-
-    Raises:
-        TypeError: if an argument is not an int.
-        ValueError: if an argument is below 1.
-    """
-    owner = "attention_hidden_width"
-    check_positive_int(in_channels, "in_channels", owner=owner)
-    check_positive_int(reduction, "reduction", owner=owner)
-    return max(in_channels // reduction, MIN_HIDDEN)
-
-
 # --- temperature --------------------------------------------------------------------
-
-
-def _check_real(value: object, name: str, *, owner: str, minimum: float,
-                strict: bool) -> float:
-    """Return ``value`` as a finite float above (or at) ``minimum``; raise otherwise."""
-    word = "a positive" if strict else "a non-negative"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{owner} expected {name} to be {word} float, got "
-            f"{type(value).__name__} {value!r}"
-        )
-    value = float(value)
-    too_small = value <= minimum if strict else value < minimum
-    if not math.isfinite(value) or too_small:
-        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-        raise ValueError(f"{owner} expected {name} {bound} and finite, got {value!r}")
-    return value
 
 
 def temperature_schedule(
@@ -151,57 +106,15 @@ def temperature_schedule(
         ValueError: if an argument is out of range or not finite.
     """
     owner = "temperature_schedule"
-    epoch = _check_real(epoch, "epoch", owner=owner, minimum=0.0, strict=False)
-    start = _check_real(start, "start", owner=owner, minimum=0.0, strict=True)
-    end = _check_real(end, "end", owner=owner, minimum=0.0, strict=True)
-    anneal_epochs = _check_real(
+    epoch = check_real(epoch, "epoch", owner=owner, minimum=0.0, strict=False)
+    start = check_real(start, "start", owner=owner, minimum=0.0)
+    end = check_real(end, "end", owner=owner, minimum=0.0)
+    anneal_epochs = check_real(
         anneal_epochs, "anneal_epochs", owner=owner, minimum=0.0, strict=False
     )
     if epoch >= anneal_epochs:
         return end
     return start + (end - start) * epoch / anneal_epochs
-
-
-def set_temperature(model: nn.Module, value: float) -> int:
-    """Set ``temperature = value`` on every submodule that has a ``temperature``.
-
-    Works for :class:`DynamicConv2d` and for any other module exposing a
-    ``temperature`` attribute (ODConv's attention, chapter 4), so one call per
-    iteration or epoch drives a whole network::
-
-        set_temperature(model, temperature_schedule(epoch))
-
-    Args:
-        model: the network (``model`` itself is included in the search).
-        value: the new temperature, a finite float ``> 0``.
-
-    Returns:
-        How many modules were updated.
-
-    Raises:
-        TypeError: if ``model`` is not an ``nn.Module`` or ``value`` not a real.
-        ValueError: if ``value`` is not a finite positive number, or if no module
-            of ``model`` has a ``temperature`` attribute (a silent no-op would
-            hide a wrongly built network).
-    """
-    owner = "set_temperature"
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"{owner} expected model to be a torch.nn.Module, got "
-            f"{type(model).__name__}"
-        )
-    value = _check_real(value, "value", owner=owner, minimum=0.0, strict=True)
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "temperature"):
-            module.temperature = value
-            count += 1
-    if count == 0:
-        raise ValueError(
-            f"{owner} expected model to contain a module with a temperature "
-            f"attribute, found none in {type(model).__name__}"
-        )
-    return count
 
 
 # --- functional form ----------------------------------------------------------------
@@ -240,62 +153,6 @@ def kernel_attention(
     return torch.softmax(logits / temperature, dim=1)
 
 
-def _check_functional(x, attention, weight, bias, stride, padding, dilation, groups,
-                      owner):
-    check_float_tensor(x, "input", owner=owner, ndim=4)
-    check_float_tensor(attention, "attention", owner=owner, ndim=2)
-    check_float_tensor(weight, "weight", owner=owner, ndim=5)
-    stride = pair(stride, "stride", owner=owner)
-    padding = pair(padding, "padding", owner=owner, minimum=0)
-    dilation = pair(dilation, "dilation", owner=owner)
-    k, c_out, c_in_g, kh, kw = weight.shape
-    check_groups(x.shape[1], c_out, groups, owner=owner)
-    if c_in_g * groups != x.shape[1]:
-        raise ValueError(
-            f"{owner} expected weight of shape [K, C_out, C_in/groups, kH, kW] with "
-            f"C_in/groups = {x.shape[1] // groups}, got {tuple(weight.shape)}"
-        )
-    if tuple(attention.shape) != (x.shape[0], k):
-        raise ValueError(
-            f"{owner} expected attention of shape {(x.shape[0], k)} ([N, K]), got "
-            f"{tuple(attention.shape)}"
-        )
-    if bias is not None:
-        check_float_tensor(bias, "bias", owner=owner, ndim=2)
-        if tuple(bias.shape) != (k, c_out):
-            raise ValueError(
-                f"{owner} expected bias of shape {(k, c_out)} ([K, C_out]), got "
-                f"{tuple(bias.shape)}"
-            )
-    _check_dtypes(x, owner, attention=attention, weight=weight, bias=bias)
-    _check_size(x, (kh, kw), padding, dilation, owner)
-    return stride, padding, dilation
-
-
-def _check_dtypes(x, owner, **tensors):
-    # Under autocast the matmul and the convolution cast their operands, so mixed
-    # dtypes are legitimate there; outside it they would fail deep inside F.conv2d.
-    if torch.is_autocast_enabled(x.device.type):
-        return
-    for name, t in tensors.items():
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(
-                f"{owner} expected {name} with the dtype of the input ({x.dtype}), "
-                f"got {t.dtype}"
-            )
-
-
-def _check_size(x, kernel_size, padding, dilation, owner):
-    for axis, name in ((0, "height"), (1, "width")):
-        size = x.shape[2 + axis] + 2 * padding[axis]
-        span = dilation[axis] * (kernel_size[axis] - 1) + 1
-        if size < span:
-            raise ValueError(
-                f"{owner} expected the padded input ({size}) to be at least the "
-                f"dilated kernel size ({span}) along {name}"
-            )
-
-
 def dynamic_conv2d(
     x: Tensor,
     attention: Tensor,
@@ -331,13 +188,12 @@ def dynamic_conv2d(
         TypeError: for non-tensors, non-float tensors or malformed sizes.
         ValueError: for inconsistent shapes, with the expected and actual values.
     """
-    stride, padding, dilation = _check_functional(
-        x, attention, weight, bias, stride, padding, dilation, groups, "dynamic_conv2d"
-    )
     # Mixing K kernels by attention is CondConv's mixing of experts (chapter 2);
     # only the weights that do the mixing differ.
-    kernels, biases = mix_experts(attention, weight, bias)
-    return per_sample_conv2d(x, kernels, biases, stride, padding, dilation, groups)
+    geometry = (stride, padding, dilation, groups)
+    return bank_conv2d(
+        "dynamic_conv2d", "attention", x, attention, weight, bias, geometry
+    )
 
 
 def dynamic_conv2d_reference(
@@ -360,30 +216,36 @@ def dynamic_conv2d_reference(
 
     Args and returns as for :func:`dynamic_conv2d`.
     """
-    stride, padding, dilation = _check_functional(
-        x, attention, weight, bias, stride, padding, dilation, groups,
+    # the same mixture of K convolutions as CondConv's reference (chapter 2)
+    geometry = (stride, padding, dilation, groups)
+    return bank_conv2d(
         "dynamic_conv2d_reference",
+        "attention",
+        x,
+        attention,
+        weight,
+        bias,
+        geometry,
+        reference=True,
     )
-    out = None
-    for k in range(weight.shape[0]):
-        expert = F.conv2d(
-            x, weight[k], None if bias is None else bias[k],
-            stride, padding, dilation, groups,
-        )
-        term = attention[:, k].reshape(-1, 1, 1, 1) * expert
-        out = term if out is None else out + term
-    return out
 
 
 # --- module -------------------------------------------------------------------------
 
 
-class DynamicConv2d(nn.Module):
+class KernelAttention(NamedTuple):
+    """The input-dependent part of :class:`DynamicConv2d`."""
+
+    attention: Tensor
+    """``Tensor[N, K]``, softmax attention over the kernels (rows sum to 1)."""
+
+
+class DynamicConv2d(TemperatureMixin, Conv2dBase):
     """Dynamic convolution (DY-CNN): softmax attention over ``K`` kernels.
 
     Drop-in replacement for ``torch.nn.Conv2d``: same constructor arguments and
-    output shape, plus the keyword-only ``num_kernels``, ``reduction`` and
-    ``temperature``. For every sample the attention branch of
+    output shape, plus the keyword-only ``num_kernels``, ``reduction``,
+    ``min_hidden`` and ``temperature``. For every sample the attention branch of
     :func:`kernel_attention` weighs the ``K`` kernels and biases, and the sample
     is convolved with the aggregated kernel (:func:`dynamic_conv2d`). Paper:
     Chen et al., "Dynamic Convolution: Attention over Convolution Kernels", CVPR
@@ -394,31 +256,25 @@ class DynamicConv2d(nn.Module):
     ``bias: Tensor[K, C_out]`` (or ``None``), each row initialised like
     ``nn.Conv2d``'s bias; ``fc1`` (``Linear(C_in, hidden)``, no bias) and ``fc2``
     (``Linear(hidden, K)``, bias initialised to zero so that no kernel is
-    favoured at the start), with ``hidden = max(C_in // reduction, 4)``.
+    favoured at the start), with ``hidden = max(floor(C_in * reduction),
+    min_hidden)``.
 
     Deviations, all documented choices since there is no official code: no
     BatchNorm in the attention branch (so outputs do not depend on the batch
     or on ``train()``/``eval()``; a BN variant would add ``2 * hidden``
     parameters per layer); the hidden width above instead of the unofficial
-    port's ``int(C_in / 4) + 1``; the temperature is saved in the state dict
-    (as extra state), so a model loaded after annealing evaluates at the
+    port's ``int(C_in / 4) + 1`` (build with ``reduction=h / C_in`` to load a
+    port checkpoint of hidden width ``h``); the temperature is saved in the state
+    dict (as extra state), so a model loaded after annealing evaluates at the
     temperature it was saved with.
 
-    ``channels_last`` inputs work. Converting the *module* with
-    ``.to(memory_format=torch.channels_last)`` raises in PyTorch, as for
-    ``nn.Conv3d``, because ``Module.to`` applies the 4-D memory format to every
-    5-D parameter; the kernel bank is 5-D, so convert only the inputs.
-
     Args:
-        in_channels: ``C_in``.
-        out_channels: ``C_out``.
-        kernel_size: int or pair.
-        stride, padding, dilation: ints or pairs, as in ``torch.nn.Conv2d``
-            (zero padding only).
-        groups: channel groups; must divide both channel counts.
-        bias: whether each of the ``K`` kernels has a bias.
+        conv_args: ``nn.Conv2d``'s arguments, ``in_channels`` to ``padding_mode``,
+            with the same meaning; ``bias`` gives each of the ``K`` kernels a bias.
         num_kernels: ``K``, the number of kernels (paper: 4).
-        reduction: squeeze factor of the attention branch (paper: 4).
+        reduction: hidden width of the attention branch as a fraction of
+            ``C_in`` (paper: 1/4).
+        min_hidden: smallest hidden width (4: an RGB input would otherwise get 0).
         temperature: initial softmax temperature (default 30, the start of
             :func:`temperature_schedule`; use ``1.0`` for no annealing).
         device, dtype: factory keyword arguments, as in ``torch.nn.Conv2d``.
@@ -430,142 +286,86 @@ class DynamicConv2d(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        *,
+        *conv_args,
         num_kernels: int = 4,
-        reduction: int = 4,
+        reduction: float = 0.25,
+        min_hidden: int = 4,
         temperature: float = 30.0,
-        device=None,
-        dtype=None,
+        **conv_kwargs,
     ) -> None:
-        super().__init__()
+        # nn.Conv2d's arguments are parsed once, by Conv2dBase; the signature
+        # shown by help() and the docs is completed by Conv2dBase.__init_subclass__.
+        super().__init__(*conv_args, **conv_kwargs)
         owner = type(self).__name__
-        check_positive_int(in_channels, "in_channels", owner=owner)
-        check_positive_int(out_channels, "out_channels", owner=owner)
-        self.kernel_size = pair(kernel_size, "kernel_size", owner=owner)
-        self.stride = pair(stride, "stride", owner=owner)
-        self.padding = pair(padding, "padding", owner=owner, minimum=0)
-        self.dilation = pair(dilation, "dilation", owner=owner)
-        check_groups(in_channels, out_channels, groups, owner=owner)
-        if not isinstance(bias, bool):
-            raise TypeError(f"{owner} expected bias to be a bool, got {bias!r}")
         self.num_kernels = check_positive_int(num_kernels, "num_kernels", owner=owner)
-        self.reduction = check_positive_int(reduction, "reduction", owner=owner)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.groups = groups
-        self.hidden_channels = attention_hidden_width(in_channels, reduction)
-
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(
-            torch.empty(
-                num_kernels, out_channels, in_channels // groups, *self.kernel_size,
-                **factory,
-            )
-        )
-        if bias:
-            self.bias = nn.Parameter(torch.empty(num_kernels, out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.fc1 = nn.Linear(in_channels, self.hidden_channels, bias=False, **factory)
-        self.fc2 = nn.Linear(self.hidden_channels, num_kernels, **factory)
+        self.hidden = hidden_width(self.in_channels, reduction, min_hidden, owner=owner)
+        self.reduction = float(reduction)
+        self.min_hidden = int(min_hidden)
         self.temperature = temperature
+        factory = self.factory_kwargs
+        self.weight = self.kernel_bank(self.num_kernels)
+        self.bias = self.bias_parameter(self.num_kernels)
+        self.fc1 = nn.Linear(self.in_channels, self.hidden, bias=False, **factory)
+        self.fc2 = nn.Linear(self.hidden, self.num_kernels, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Initialise every kernel and bias like ``nn.Conv2d``, the attention FCs
         like ``nn.Linear``, and ``fc2.bias`` to zero."""
-        fan_in = self.weight[0].shape[1:].numel()
-        bound = 1.0 / math.sqrt(fan_in)
-        for k in range(self.num_kernels):
-            # one call per kernel: on the 5-D bank the fan-in would be wrong
-            nn.init.kaiming_uniform_(self.weight[k], a=math.sqrt(5))
-        if self.bias is not None:
-            nn.init.uniform_(self.bias, -bound, bound)
+        init_like_conv2d(self.weight, self.bias)
         self.fc1.reset_parameters()
         self.fc2.reset_parameters()
         nn.init.zeros_(self.fc2.bias)
 
-    @property
-    def temperature(self) -> float:
-        """Softmax temperature ``tau`` of the attention, a float ``> 0``.
+    def _options(self):
+        yield "num_kernels", self.num_kernels, 4
+        yield "reduction", self.reduction, 0.25
+        yield "min_hidden", self.min_hidden, 4
+        yield "temperature", self.temperature, 30.0
 
-        Setting it validates the value (``TypeError`` for non-reals, including
-        tensors; ``ValueError`` unless finite and positive). Drive it with
-        :func:`temperature_schedule` and :func:`set_temperature`.
-        """
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self._temperature = _check_real(
-            value, "temperature", owner=type(self).__name__, minimum=0.0, strict=True
-        )
-
-    def get_extra_state(self) -> dict:
-        """The temperature, saved in the state dict next to the parameters."""
-        return {"temperature": self._temperature}
-
-    def set_extra_state(self, state: dict) -> None:
-        """Restore the temperature saved by :meth:`get_extra_state`."""
-        if not isinstance(state, dict) or "temperature" not in state:
-            raise ValueError(
-                f"{type(self).__name__} expected extra state {{'temperature': float}}, "
-                f"got {state!r}"
+    def _dynamic(self, x: Tensor) -> KernelAttention:
+        return KernelAttention(
+            kernel_attention(
+                x, self.fc1.weight, self.fc2.weight, self.fc2.bias, self.temperature
             )
-        self.temperature = state["temperature"]
-
-    def _check_input(self, x: object) -> Tensor:
-        owner = type(self).__name__
-        check_float_tensor(x, "input", owner=owner, ndim=4)
-        check_channels(x, self.in_channels, owner=owner)
-        _check_dtypes(x, owner, weight=self.weight)
-        _check_size(x, self.kernel_size, self.padding, self.dilation, owner)
-        return x
-
-    def _attention(self, x: Tensor) -> Tensor:
-        bias = self.fc2.bias
-        return kernel_attention(x, self.fc1.weight, self.fc2.weight, bias,
-                                self._temperature)
-
-    def attention(self, x: Tensor) -> Tensor:
-        """Attention over the kernels for each sample of ``x``.
-
-        Args:
-            x: ``Tensor[N, C_in, H, W]``.
-
-        Returns:
-            ``Tensor[N, K]``: non-negative rows summing to 1.
-        """
-        return self._attention(self._check_input(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``Tensor[N, C_in, H, W] -> Tensor[N, C_out, H_out, W_out]``."""
-        self._check_input(x)
-        return dynamic_conv2d(
-            x, self._attention(x), self.weight, self.bias,
-            self.stride, self.padding, self.dilation, self.groups,
         )
 
-    def extra_repr(self) -> str:
-        text = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}"
+    def _forward(self, x: Tensor) -> Tensor:
+        (attention,) = self._dynamic(x)
+        kernels, biases = mix_experts(attention, self.weight, self.bias)
+        return _per_sample_conv2d(
+            self.pad(x),
+            kernels,
+            biases,
+            self.stride,
+            self.op_padding,
+            self.dilation,
+            self.groups,
         )
-        if self.dilation != (1, 1):
-            text += f", dilation={self.dilation}"
-        if self.groups != 1:
-            text += f", groups={self.groups}"
-        if self.bias is None:
-            text += ", bias=False"
-        return (
-            f"{text}, num_kernels={self.num_kernels}, reduction={self.reduction}, "
-            f"temperature={self._temperature:g}"
-        )
+
+    def _preserve(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Function-preserving start: a zero ``fc2`` gives the uniform attention
+        ``1/K`` at any temperature, and the kernels are ``W`` plus zero-sum
+        perturbations (:func:`refimpl._conv.spread_kernel`), so the aggregated
+        kernel is ``W`` for every input."""
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+        self.weight.copy_(spread_kernel(weight, self.weight, 1.0))
+        if self.bias is not None:
+            self.bias.copy_(bias.to(self.bias.dtype).expand_as(self.bias))
+
+    def _official_names(self):
+        """The PyTorch port's ``Dynamic_conv2d`` (kaijieshi7/Dynamic-convolution-
+        Pytorch): ``weight``, ``bias`` as here; ``attention.fc1.weight [h, C_in, 1,
+        1]`` and ``attention.fc2.weight [K, h, 1, 1]``, ``attention.fc2.bias [K]``
+        (1x1 convolutions, reshaped to the linear layers)."""
+        k, h = self.num_kernels, self.hidden
+        names = {
+            "weight": ("weight", tuple(self.weight.shape)),
+            "fc1.weight": ("attention.fc1.weight", (h, self.in_channels, 1, 1)),
+            "fc2.weight": ("attention.fc2.weight", (k, h, 1, 1)),
+            "fc2.bias": ("attention.fc2.bias", (k,)),
+        }
+        if self.bias is not None:
+            names["bias"] = ("bias", (k, self.out_channels))
+        return names

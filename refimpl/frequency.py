@@ -200,7 +200,11 @@ def band_mask(
             f"{owner} expected 0 <= low < high, got low={low}, high={high}"
         )
     radius = radial_frequency(
-        size, square=square, centered=centered, onesided=onesided, device=device,
+        size,
+        square=square,
+        centered=centered,
+        onesided=onesided,
+        device=device,
         dtype=torch.float64,
     )
     return (radius >= low) & (radius < high)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ._conv import check_convertible
+
 __all__ = [
     "convert_conv2d",
     "count_parameters",
@@ -57,7 +59,9 @@ def convert_conv2d(
     ``predicate(name, conv)`` (all of them when ``predicate`` is ``None``) is
     replaced by ``factory(conv)`` under the same attribute name, so the state dict
     keys of the new layer start with the old prefix (``layer1.0.conv2.weight``).
-    The new module is put in the train/eval mode of the old one. The replacements
+    The new module is put in the train/eval mode of the old one. With a ``refimpl``
+    operator's ``from_conv2d`` as the factory the converted network computes the
+    same function as the original at conversion time. The replacements
     are not searched again, so a factory may return a module that contains the
     original convolution. A convolution registered under several names is
     replaced once and stays shared.
@@ -74,7 +78,12 @@ def convert_conv2d(
         TypeError: if ``model`` is not an ``nn.Module``, ``factory`` or
             ``predicate`` not callable, or ``factory`` returns a non-module.
         ValueError: if ``model`` is itself an ``nn.Conv2d`` (it has no parent to
-            put a replacement in: call ``factory`` directly).
+            put a replacement in: call ``factory`` directly); if a selected layer
+            cannot be converted faithfully (an uninitialised lazy convolution, or a
+            subclass with its own ``forward`` such as timm's ``Conv2dSame``, whose
+            dynamic "same" padding a replacement would silently drop: exclude it
+            with ``predicate``); or if a replacement reports a geometry other than
+            the layer's (so nothing changes shape silently). Each names the layer.
     """
     owner = "convert_conv2d"
     if not isinstance(model, nn.Module):
@@ -109,12 +118,14 @@ def convert_conv2d(
     for parent, child_name, name, conv in targets:
         if id(conv) not in replacements:
             if predicate is None or predicate(name, conv):
+                check_convertible(conv, owner=owner, layer=name)
                 new = factory(conv)
                 if not isinstance(new, nn.Module):
                     raise TypeError(
                         f"{owner} expected factory to return an nn.Module for layer "
                         f"{name!r}, got {type(new).__name__}"
                     )
+                _check_geometry(owner, name, conv, new)
                 replacements[id(conv)] = new.train(conv.training)
             else:
                 replacements[id(conv)] = None
@@ -122,6 +133,22 @@ def convert_conv2d(
         if new is not None:
             setattr(parent, child_name, new)
     return model
+
+
+def _check_geometry(owner: str, name: str, conv: nn.Conv2d, new: nn.Module) -> None:
+    for attr in (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+    ):
+        if hasattr(new, attr) and getattr(new, attr) != getattr(conv, attr):
+            raise ValueError(
+                f"{owner} expected the replacement of layer {name!r} to keep "
+                f"{attr}={getattr(conv, attr)!r}, got {getattr(new, attr)!r}"
+            )
 
 
 def is_bottleneck_conv(name: str, conv: nn.Conv2d) -> bool:
@@ -137,20 +164,21 @@ def is_bottleneck_conv(name: str, conv: nn.Conv2d) -> bool:
 
 
 def paper_resnet50(
-    kernel_num: int = 1,
+    num_kernels: int = 1,
     *,
     reduction: float = 0.0625,
-    min_channel: int = 16,
+    min_hidden: int = 16,
     attention_norm: str | None = "batch",
     num_classes: int = 1000,
 ) -> nn.Module:
     """The ODConv ResNet-50 of the paper, built from ``torchvision.models.resnet50``.
 
     Builds ``torchvision.models.resnet50(weights=None)`` and converts the layers
-    selected by :func:`is_bottleneck_conv` with :meth:`refimpl.ODConv2d.from_conv2d`.
+    selected by :func:`is_bottleneck_conv` with :meth:`refimpl.ODConv2d.from_conv2d`
+    (``preserve=False``: the official networks train from scratch).
     With the official defaults it has the parameters of the official
     ``od_resnet50`` (OSVAI/ODConv, ``models/od_resnet.py``): 28.64M for
-    ``kernel_num=1`` and 90.67M for ``kernel_num=4`` (chapter 4 counts them).
+    ``num_kernels=1`` and 90.67M for ``num_kernels=4`` (chapter 4 counts them).
 
     Differences from the official network, none of which changes the parameter
     count: the official model applies dropout (``--dropout``, 0.1 by default)
@@ -160,8 +188,8 @@ def paper_resnet50(
     the model's 0.0625).
 
     Args:
-        kernel_num: kernels per ODConv layer ("1x", "4x").
-        reduction, min_channel, attention_norm: see :class:`refimpl.ODConv2d`.
+        num_kernels: kernels per ODConv layer ("1x", "4x").
+        reduction, min_hidden, attention_norm: see :class:`refimpl.ODConv2d`.
         num_classes: size of the classifier.
 
     Returns:
@@ -172,14 +200,19 @@ def paper_resnet50(
     from ._validation import check_positive_int
     from .odconv import ODConv2d
 
-    check_positive_int(kernel_num, "kernel_num", owner="paper_resnet50")
+    check_positive_int(num_kernels, "num_kernels", owner="paper_resnet50")
     check_positive_int(num_classes, "num_classes", owner="paper_resnet50")
 
     def factory(conv: nn.Conv2d) -> nn.Module:
         return ODConv2d.from_conv2d(
-            conv, kernel_num=kernel_num, reduction=reduction,
-            min_channel=min_channel, attention_norm=attention_norm,
+            conv,
+            preserve=False,
+            num_kernels=num_kernels,
+            reduction=reduction,
+            min_hidden=min_hidden,
+            attention_norm=attention_norm,
         )
 
-    return convert_conv2d(resnet50(weights=None, num_classes=num_classes), factory,
-                          is_bottleneck_conv)
+    return convert_conv2d(
+        resnet50(weights=None, num_classes=num_classes), factory, is_bottleneck_conv
+    )

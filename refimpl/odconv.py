@@ -24,7 +24,6 @@ orders and picks the cheaper one from the shapes (:func:`choose_order`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -32,21 +31,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._conv import Conv2dBase, TemperatureMixin, hidden_width, spread_kernel
 from ._validation import (
-    check_channels,
+    check_conv_operands,
     check_float_tensor,
-    check_groups,
     check_positive_int,
-    pair,
+    check_shape,
 )
-from .per_sample import per_sample_conv2d
+from .per_sample import _per_sample_conv2d
 
 __all__ = [
     "ODAttentions",
     "ODAttention",
     "ODConv2d",
     "odconv2d",
-    "odconv2d_loop",
+    "odconv2d_reference",
     "choose_order",
     "order_costs",
 ]
@@ -101,9 +100,11 @@ def order_costs(
     Returns:
         ``{"kernel": int, "feature": int}``.
     """
-    n, c_in, h, w = (int(s) for s in input_shape)
-    _, c_out, c_in_g, kh, kw = (int(s) for s in weight_shape)
-    h_out, w_out = (int(s) for s in output_size)
+    # No int(): under torch.compile the sizes are symbolic, and int() would pin
+    # the batch size into the graph.
+    n, c_in, h, w = input_shape
+    _, c_out, c_in_g, kh, kw = weight_shape
+    h_out, w_out = output_size
     kernel_elems = n * c_out * c_in_g * kh * kw
     return {
         "kernel": kernel_elems * (int(channel) + int(filter)),
@@ -153,63 +154,38 @@ def choose_order(
 # --- functional form ----------------------------------------------------------------
 
 
-def _output_size(h, w, kh, kw, stride, padding, dilation, owner):
-    sizes = []
-    for axis, (size, k) in enumerate(((h, kh), (w, kw))):
-        span = dilation[axis] * (k - 1) + 1
-        padded = size + 2 * padding[axis]
-        if padded < span:
-            raise ValueError(
-                f"{owner} expected the padded input ({padded}) to be at least the "
-                f"dilated kernel size ({span}) along "
-                f"{'height' if axis == 0 else 'width'}"
-            )
-        sizes.append((padded - span) // stride[axis] + 1)
-    return tuple(sizes)
-
-
-def _check_attention(att, name, shape, owner):
-    if att is None:
-        return
-    check_float_tensor(att, name, owner=owner)
-    if tuple(att.shape) != tuple(shape):
-        raise ValueError(
-            f"{owner} expected {name} of shape {tuple(shape)}, got {tuple(att.shape)}"
-        )
+def _output_size(h, w, kh, kw, stride, padding, dilation):
+    """``(H_out, W_out)`` of a convolution (sizes already checked)."""
+    return tuple(
+        (size + 2 * padding[axis] - dilation[axis] * (k - 1) - 1) // stride[axis] + 1
+        for axis, (size, k) in enumerate(((h, kh), (w, kw)))
+    )
 
 
 def _check_functional(x, weight, atts, bias, stride, padding, dilation, groups, owner):
-    check_float_tensor(x, "input", owner=owner, ndim=4)
     check_float_tensor(weight, "weight", owner=owner, ndim=5)
-    stride = pair(stride, "stride", owner=owner)
-    padding = pair(padding, "padding", owner=owner, minimum=0)
-    dilation = pair(dilation, "dilation", owner=owner)
-    groups = check_positive_int(groups, "groups", owner=owner)
+    stride, padding, dilation, groups = check_conv_operands(
+        x, weight.shape[1:], stride, padding, dilation, groups, owner=owner
+    )
     n, c_in, h, w = x.shape
-    kernel_num, c_out, c_in_g, kh, kw = weight.shape
-    check_groups(c_in, c_out, groups, owner=owner)
-    if c_in_g * groups != c_in:
+    num_kernels, c_out, _, kh, kw = weight.shape
+    shapes = {
+        "channel_attention": ((n, c_in), "[N, C_in]"),
+        "filter_attention": ((n, c_out), "[N, C_out]"),
+        "spatial_attention": ((n, kh, kw), "[N, kH, kW]"),
+        "kernel_attention": ((n, num_kernels), "[N, num_kernels]"),
+    }
+    for (name, (shape, layout)), att in zip(shapes.items(), atts):
+        if att is not None:
+            check_shape(att, name, shape, owner=owner, layout=layout)
+    if atts[3] is None and num_kernels != 1:
         raise ValueError(
-            f"{owner} expected weight of shape [n, C_out, C_in/groups, kH, kW] with "
-            f"C_in/groups = {c_in // groups}, got {tuple(weight.shape)}"
-        )
-    channel, filter_, spatial, kernel = atts
-    _check_attention(channel, "channel_attention", (n, c_in), owner)
-    _check_attention(filter_, "filter_attention", (n, c_out), owner)
-    _check_attention(spatial, "spatial_attention", (n, kh, kw), owner)
-    _check_attention(kernel, "kernel_attention", (n, kernel_num), owner)
-    if kernel is None and kernel_num != 1:
-        raise ValueError(
-            f"{owner} expected kernel_attention of shape {(n, kernel_num)} to mix "
-            f"{kernel_num} kernels, got None"
+            f"{owner} expected kernel_attention of shape {(n, num_kernels)} to mix "
+            f"{num_kernels} kernels, got None"
         )
     if bias is not None:
-        check_float_tensor(bias, "bias", owner=owner, ndim=1)
-        if bias.shape[0] != c_out:
-            raise ValueError(
-                f"{owner} expected bias of shape ({c_out},), got {tuple(bias.shape)}"
-            )
-    size = _output_size(h, w, kh, kw, stride, padding, dilation, owner)
+        check_shape(bias, "bias", (c_out,), owner=owner, layout="[C_out]")
+    size = _output_size(h, w, kh, kw, stride, padding, dilation)
     return stride, padding, dilation, groups, size
 
 
@@ -219,13 +195,13 @@ def _mix(weight: Tensor, spatial: Tensor | None, kernel: Tensor | None) -> Tenso
     Returns the shared ``Tensor[C_out, C_in/g, kH, kW]`` when neither attention
     exists, since the kernel is then the same for every sample.
     """
-    kernel_num, c_out, c_in_g, kh, kw = weight.shape
+    num_kernels, c_out, c_in_g, kh, kw = weight.shape
     if kernel is None:
         mixed = weight[0]
     else:
         # alpha_s is shared by the kernels, so it can scale their mixture once
         # instead of each kernel (the official code scales each, then sums).
-        mixed = (kernel @ weight.reshape(kernel_num, -1)).reshape(
+        mixed = (kernel @ weight.reshape(num_kernels, -1)).reshape(
             -1, c_out, c_in_g, kh, kw
         )
     if spatial is not None:
@@ -235,11 +211,11 @@ def _mix(weight: Tensor, spatial: Tensor | None, kernel: Tensor | None) -> Tenso
 
 def odconv2d(
     x: Tensor,
+    channel_attention: Tensor | None,
+    filter_attention: Tensor | None,
+    spatial_attention: Tensor | None,
+    kernel_attention: Tensor | None,
     weight: Tensor,
-    channel_attention: Tensor | None = None,
-    filter_attention: Tensor | None = None,
-    spatial_attention: Tensor | None = None,
-    kernel_attention: Tensor | None = None,
     bias: Tensor | None = None,
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
@@ -272,11 +248,11 @@ def odconv2d(
 
     Args:
         x: ``Tensor[N, C_in, H, W]``.
-        weight: kernel bank ``Tensor[n, C_out, C_in/groups, kH, kW]``.
         channel_attention: ``Tensor[N, C_in]`` or ``None``.
         filter_attention: ``Tensor[N, C_out]`` or ``None``.
         spatial_attention: ``Tensor[N, kH, kW]`` or ``None``.
         kernel_attention: ``Tensor[N, n]``; may be ``None`` only when ``n == 1``.
+        weight: kernel bank ``Tensor[n, C_out, C_in/groups, kH, kW]``.
         bias: optional static ``Tensor[C_out]``.
         stride, padding, dilation: ints or pairs, as in ``F.conv2d``.
         groups: channel groups.
@@ -306,6 +282,25 @@ def odconv2d(
             spatial=spatial_attention is not None,
             kernel=kernel_attention is not None,
         )
+    return _odconv2d(x, *atts, weight, bias, stride, padding, dilation, groups, order)
+
+
+def _odconv2d(
+    x: Tensor,
+    channel_attention: Tensor | None,
+    filter_attention: Tensor | None,
+    spatial_attention: Tensor | None,
+    kernel_attention: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    order: str,
+) -> Tensor:
+    """:func:`odconv2d` on checked arguments with the order resolved (``"kernel"``
+    or ``"feature"``): the algorithm itself, and what the layer calls."""
     n = x.shape[0]
     _, c_out, c_in_g, kh, kw = weight.shape
     mixed = _mix(weight, spatial_attention, kernel_attention)
@@ -325,7 +320,7 @@ def odconv2d(
         # would cost a full pass over the output (about a tenth of the layer).
         if bias is not None:
             bias = bias.to(mixed.dtype).expand(n, c_out)
-        return per_sample_conv2d(x, mixed, bias, stride, padding, dilation, groups)
+        return _per_sample_conv2d(x, mixed, bias, stride, padding, dilation, groups)
 
     # Feature order: the bias must come after the filter attention.
     if channel_attention is not None:
@@ -333,7 +328,7 @@ def odconv2d(
     if mixed.dim() == 4:
         out = F.conv2d(x, mixed, None, stride, padding, dilation, groups)
     else:
-        out = per_sample_conv2d(x, mixed, None, stride, padding, dilation, groups)
+        out = _per_sample_conv2d(x, mixed, None, stride, padding, dilation, groups)
     if filter_attention is not None:
         out = out * filter_attention.reshape(n, c_out, 1, 1)
     if bias is not None:
@@ -341,13 +336,13 @@ def odconv2d(
     return out
 
 
-def odconv2d_loop(
+def odconv2d_reference(
     x: Tensor,
+    channel_attention: Tensor | None,
+    filter_attention: Tensor | None,
+    spatial_attention: Tensor | None,
+    kernel_attention: Tensor | None,
     weight: Tensor,
-    channel_attention: Tensor | None = None,
-    filter_attention: Tensor | None = None,
-    spatial_attention: Tensor | None = None,
-    kernel_attention: Tensor | None = None,
     bias: Tensor | None = None,
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
@@ -366,9 +361,9 @@ def odconv2d_loop(
     """
     atts = (channel_attention, filter_attention, spatial_attention, kernel_attention)
     stride, padding, dilation, groups, _ = _check_functional(
-        x, weight, atts, bias, stride, padding, dilation, groups, "odconv2d_loop"
+        x, weight, atts, bias, stride, padding, dilation, groups, "odconv2d_reference"
     )
-    kernel_num, c_out, c_in_g, kh, kw = weight.shape
+    num_kernels, c_out, c_in_g, kh, kw = weight.shape
     per_group = c_out // groups
     outputs = []
     for b in range(x.shape[0]):
@@ -378,7 +373,7 @@ def odconv2d_loop(
             rows = []
             for c in range(c_in_g):
                 tap = torch.zeros_like(weight[0, 0, 0])
-                for i in range(kernel_num):
+                for i in range(num_kernels):
                     a = weight[i, o, c]
                     if kernel_attention is not None:
                         a = kernel_attention[b, i] * a
@@ -396,7 +391,7 @@ def odconv2d_loop(
             F.conv2d(x[b : b + 1], kernel_b, bias, stride, padding, dilation, groups)
         )
     if not outputs:
-        return odconv2d(x, weight, *atts, bias, stride, padding, dilation, groups)
+        return odconv2d(x, *atts, weight, bias, stride, padding, dilation, groups)
     return torch.cat(outputs)
 
 
@@ -414,7 +409,7 @@ class ODAttention(nn.Module):
     * spatial: ``sigmoid(Linear(h, kH*kW)(a) / T)``, absent for a 1x1 kernel;
     * kernel: ``softmax(Linear(h, n)(a) / T)`` over the kernels, absent for ``n = 1``;
 
-    with hidden width ``h = max(int(C_in * reduction), min_channel)``. Parameter
+    with hidden width ``h`` (:func:`refimpl._conv.hidden_width`). Parameter
     names follow the official ``Attention`` module (``fc``, ``bn``, ``channel_fc``,
     ``filter_fc``, ``spatial_fc``, ``kernel_fc``); the official code uses 1x1
     convolutions on ``Tensor[N, C, 1, 1]``, here they are ``nn.Linear`` on
@@ -429,8 +424,8 @@ class ODAttention(nn.Module):
         in_channels, out_channels: channels of the convolution.
         kernel_size: ``(kH, kW)``.
         groups: groups of the convolution (for the depthwise test).
-        kernel_num: number of kernels ``n``.
-        reduction, min_channel: hidden width, see above.
+        num_kernels: number of kernels ``n``.
+        hidden: hidden width ``h``.
         norm: ``"batch"`` or ``None``.
         device, dtype: factory keyword arguments.
     """
@@ -441,16 +436,15 @@ class ODAttention(nn.Module):
         out_channels: int,
         kernel_size: tuple[int, int],
         groups: int,
-        kernel_num: int,
-        reduction: float,
-        min_channel: int,
+        num_kernels: int,
+        hidden: int,
         norm: str | None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.hidden = max(int(in_channels * reduction), min_channel)
+        self.hidden = hidden
         self.fc = nn.Linear(in_channels, self.hidden, bias=norm is None, **kw)
         self.bn = nn.BatchNorm1d(self.hidden, **kw) if norm == "batch" else None
         self.channel_fc = nn.Linear(self.hidden, in_channels, **kw)
@@ -462,7 +456,7 @@ class ODAttention(nn.Module):
         self.kernel_size = kernel_size
         self.spatial_fc = None if taps == 1 else nn.Linear(self.hidden, taps, **kw)
         self.kernel_fc = (
-            None if kernel_num == 1 else nn.Linear(self.hidden, kernel_num, **kw)
+            None if num_kernels == 1 else nn.Linear(self.hidden, num_kernels, **kw)
         )
         self.reset_parameters()
 
@@ -502,24 +496,25 @@ class ODAttention(nn.Module):
 # --- the module --------------------------------------------------------------------
 
 
-class ODConv2d(nn.Module):
+class ODConv2d(TemperatureMixin, Conv2dBase):
     """Omni-dimensional dynamic convolution, a drop-in for ``nn.Conv2d``.
 
     Li, Zhou, Yao, "Omni-Dimensional Dynamic Convolution", ICLR 2022,
-    arXiv:2209.07947; derived in chapter 4. A bank of ``kernel_num`` kernels
+    arXiv:2209.07947; derived in chapter 4. A bank of ``num_kernels`` kernels
     ``Tensor[n, C_out, C_in/groups, kH, kW]`` is modulated per sample by four
     attentions from one squeeze branch (:class:`ODAttention`) and applied by
     :func:`odconv2d`.
 
-    Defaults are the official code's: ``kernel_num=4``, ``reduction=1/16``, hidden
-    width at least ``min_channel=16``, BatchNorm in the attention branch, kernels
+    Defaults are the official code's: ``num_kernels=4`` (the official
+    ``kernel_num``), ``reduction=1/16``, hidden width at least ``min_hidden=16``
+    (the official ``min_channel``), BatchNorm in the attention branch, kernels
     initialised Kaiming-normal (fan_out, ReLU) one by one, temperature 1.
 
-    Temperature: :attr:`temperature` divides every attention logit. The official
-    training anneals it per iteration from 30 to 1 over the first 10 epochs
-    (:func:`refimpl.dynamic_conv.temperature_schedule`) and evaluates at 1. Set it
-    with ``layer.temperature = value`` or, as in the official code,
-    ``layer.update_temperature(value)``.
+    Temperature: :attr:`~refimpl._conv.TemperatureMixin.temperature` divides
+    every attention logit. The official training anneals it per iteration from
+    30 to 1 over the first 10 epochs
+    (:func:`refimpl.dynamic_conv.temperature_schedule`) and evaluates at 1. Set
+    it with ``layer.temperature = value`` or :func:`refimpl.set_temperature`.
 
     BatchNorm in the attention branch (``attention_norm="batch"``, the official
     design) has two consequences: in training mode a sample's attentions, hence
@@ -533,19 +528,20 @@ class ODConv2d(nn.Module):
     Deviations from the official code: ``bias=True`` adds a static bias after the
     filter attention (the official module has no bias; a ResNet converted with
     :func:`refimpl.models.convert_conv2d` keeps its convolutions' ``bias=False``);
-    rectangular kernels are accepted; the order in which the channel and filter
-    attentions are applied is chosen from the shapes (``order``), the official
-    code always uses ``"feature"``; the attention FCs are ``nn.Linear``.
+    rectangular kernels, padding strings and padding modes are accepted; the order
+    in which the channel and filter attentions are applied is chosen from the
+    shapes (``order``), the official code always uses ``"feature"``; the attention
+    FCs are ``nn.Linear`` (official 1x1-convolution weights load through
+    :meth:`~refimpl._conv.Conv2dBase.load_official_state_dict`).
 
     Args:
-        in_channels, out_channels, kernel_size: as for ``nn.Conv2d``.
-        stride, padding, dilation, groups, bias: as for ``nn.Conv2d`` (see
-            above for the bias).
-        kernel_num: number of kernels ``n`` (the "1x" and "4x" of the paper).
+        conv_args: ``nn.Conv2d``'s arguments, ``in_channels`` to ``padding_mode``,
+            with the same meaning (see above for the bias).
+        num_kernels: number of kernels ``n`` (the "1x" and "4x" of the paper).
         reduction: hidden width of the attention branch as a fraction of
             ``in_channels``.
-        min_channel: smallest hidden width.
-        attention_norm: ``"batch"`` (official) or ``None`` / ``"none"``.
+        min_hidden: smallest hidden width.
+        attention_norm: ``"batch"`` (official) or ``None``.
         temperature: initial temperature (official: 1.0).
         order: ``"auto"``, ``"kernel"`` or ``"feature"``, see :func:`odconv2d`.
         device, dtype: factory keyword arguments, as in ``nn.Conv2d``.
@@ -561,202 +557,153 @@ class ODConv2d(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        *,
-        kernel_num: int = 4,
+        *conv_args,
+        num_kernels: int = 4,
         reduction: float = 0.0625,
-        min_channel: int = 16,
+        min_hidden: int = 16,
         attention_norm: str | None = "batch",
         temperature: float = 1.0,
         order: str = "auto",
-        device=None,
-        dtype=None,
+        **conv_kwargs,
     ) -> None:
-        super().__init__()
-        self.in_channels = check_positive_int(in_channels, "in_channels", owner=_OWNER)
-        self.out_channels = check_positive_int(
-            out_channels, "out_channels", owner=_OWNER
-        )
-        self.kernel_size = pair(kernel_size, "kernel_size", owner=_OWNER)
-        self.stride = pair(stride, "stride", owner=_OWNER)
-        self.padding = pair(padding, "padding", owner=_OWNER, minimum=0)
-        self.dilation = pair(dilation, "dilation", owner=_OWNER)
-        check_groups(in_channels, out_channels, groups, owner=_OWNER)
-        self.groups = groups
-        if not isinstance(bias, bool):
-            raise TypeError(f"{_OWNER} expected bias to be a bool, got {bias!r}")
-        self.kernel_num = check_positive_int(kernel_num, "kernel_num", owner=_OWNER)
-        if isinstance(reduction, bool) or not isinstance(reduction, (int, float)):
-            raise TypeError(
-                f"{_OWNER} expected reduction to be a float, got {reduction!r}"
-            )
-        if not (math.isfinite(reduction) and reduction > 0):
-            raise ValueError(f"{_OWNER} expected reduction > 0, got {reduction!r}")
+        # nn.Conv2d's arguments are parsed once, by Conv2dBase; the signature
+        # shown by help() and the docs is completed by Conv2dBase.__init_subclass__.
+        super().__init__(*conv_args, **conv_kwargs)
+        owner = type(self).__name__
+        self.num_kernels = check_positive_int(num_kernels, "num_kernels", owner=owner)
+        hidden = hidden_width(self.in_channels, reduction, min_hidden, owner=owner)
         self.reduction = float(reduction)
-        self.min_channel = check_positive_int(min_channel, "min_channel", owner=_OWNER)
-        if attention_norm == "none":
-            attention_norm = None
+        self.min_hidden = int(min_hidden)
         if attention_norm not in ("batch", None):
             raise ValueError(
-                f"{_OWNER} expected attention_norm 'batch' or None ('none'), got "
+                f"{owner} expected attention_norm 'batch' or None, got "
                 f"{attention_norm!r}"
             )
         self.attention_norm = attention_norm
         if order not in _ORDERS:
-            raise ValueError(f"{_OWNER} expected order in {_ORDERS}, got {order!r}")
+            raise ValueError(f"{owner} expected order in {_ORDERS}, got {order!r}")
         self.order = order
         self.temperature = temperature
-
-        kw = {"device": device, "dtype": dtype}
+        factory = self.factory_kwargs
         self.attention = ODAttention(
-            in_channels, out_channels, self.kernel_size, groups, self.kernel_num,
-            self.reduction, self.min_channel, attention_norm, **kw,
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.groups,
+            self.num_kernels,
+            hidden,
+            attention_norm,
+            **factory,
         )
-        self.weight = nn.Parameter(
-            torch.empty(
-                kernel_num, out_channels, in_channels // groups, *self.kernel_size, **kw
-            )
-        )
-        self.bias = nn.Parameter(torch.empty(out_channels, **kw)) if bias else None
+        self.weight = self.kernel_bank(self.num_kernels)
+        self.bias = self.bias_parameter()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Official initialisation; the static bias (an addition) starts at zero."""
-        for i in range(self.kernel_num):
-            nn.init.kaiming_normal_(self.weight[i], mode="fan_out", nonlinearity="relu")
+        for kernel in self.weight.unbind(0):
+            nn.init.kaiming_normal_(kernel, mode="fan_out", nonlinearity="relu")
         if self.bias is not None:
             nn.init.zeros_(self.bias)
         self.attention.reset_parameters()
 
-    @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, **kwargs) -> ODConv2d:
-        """A freshly initialised ODConv with the geometry of ``conv``.
-
-        Copies channels, kernel size, stride, padding, dilation, groups, whether
-        there is a bias, device and dtype; ``kwargs`` go to the constructor
-        (``kernel_num=4``, ...). The weights are *not* copied: the official
-        networks train ODConv from scratch. The mode (train/eval) follows ``conv``.
-        Use it as the factory of :func:`refimpl.models.convert_conv2d`.
-
-        Raises:
-            TypeError: if ``conv`` is not an ``nn.Conv2d``.
-            ValueError: for string padding (``"same"``) or a padding mode other
-                than ``"zeros"``, which ODConv does not implement.
-        """
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(
-                f"{_OWNER}.from_conv2d expected an nn.Conv2d, got {type(conv).__name__}"
-            )
-        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-            raise ValueError(
-                f"{_OWNER}.from_conv2d expected numeric zero padding, got "
-                f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
-            )
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-            conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-            device=conv.weight.device, dtype=conv.weight.dtype, **kwargs,
-        )
-        return layer.train(conv.training)
-
-    @property
-    def temperature(self) -> float:
-        """Softmax/sigmoid temperature ``T > 0`` dividing every attention logit."""
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(
-                f"{_OWNER} expected temperature to be a float, got "
-                f"{type(value).__name__} {value!r}"
-            )
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(
-                f"{_OWNER} expected temperature > 0 and finite, got {value!r}"
-            )
-        self._temperature = float(value)
-
-    def get_extra_state(self) -> dict:
-        """The temperature, saved in the state dict next to the parameters."""
-        return {"temperature": self._temperature}
-
-    def set_extra_state(self, state: dict) -> None:
-        """Restore the temperature saved by :meth:`get_extra_state`."""
-        if not isinstance(state, dict) or "temperature" not in state:
-            raise ValueError(
-                f"{_OWNER} expected extra state {{'temperature': float}}, got {state!r}"
-            )
-        self.temperature = state["temperature"]
-
-    def update_temperature(self, temperature: float) -> None:
-        """Set :attr:`temperature` (the official code's name for it)."""
-        self.temperature = temperature
-
-    def attentions(self, x: Tensor) -> ODAttentions:
-        """The four attentions (:class:`ODAttentions`) for ``Tensor[N, C_in, H, W]``."""
-        self._check_input(x)
-        return self.attention(x, self.temperature)
+    def _options(self):
+        yield "num_kernels", self.num_kernels, 4
+        yield "reduction", self.reduction, 0.0625
+        yield "min_hidden", self.min_hidden, 16
+        yield "attention_norm", self.attention_norm, "batch"
+        yield "temperature", self.temperature, 1.0
+        yield "order", self.order, "auto"
 
     def resolve_order(self, input_shape: Sequence[int]) -> str:
         """``"kernel"`` or ``"feature"``: the order a forward on this shape uses."""
         if self.order != "auto":
             return self.order
-        n, _, h, w = input_shape
+        n, c, h, w = input_shape
+        left, right, top, bottom = self._pad_lrtb
         size = _output_size(
-            h, w, *self.kernel_size, self.stride, self.padding, self.dilation, _OWNER
+            h + top + bottom,
+            w + left + right,
+            *self.kernel_size,
+            self.stride,
+            (0, 0),
+            self.dilation,
         )
+        padded = (n, c, h + top + bottom, w + left + right)
         a = self.attention
         return choose_order(
-            input_shape, self.weight.shape, size, channel=True,
-            filter=a.filter_fc is not None, spatial=a.spatial_fc is not None,
+            padded,
+            self.weight.shape,
+            size,
+            channel=True,
+            filter=a.filter_fc is not None,
+            spatial=a.spatial_fc is not None,
             kernel=a.kernel_fc is not None,
         )
 
-    def _check_input(self, x: Tensor) -> None:
-        check_float_tensor(x, "input", owner=_OWNER, ndim=4)
-        check_channels(x, self.in_channels, owner=_OWNER)
-        _output_size(
-            x.shape[2], x.shape[3], *self.kernel_size, self.stride, self.padding,
-            self.dilation, _OWNER,
-        )
+    def _check_input(self, input):
+        x, unbatched = super()._check_input(input)
         if self.training and self.attention.bn is not None and x.shape[0] == 1:
             raise ValueError(
-                f"{_OWNER} with attention_norm='batch' cannot train on a batch of 1 "
-                f"sample: the attention BatchNorm needs at least 2 samples to compute "
-                f"batch statistics. Use a batch of 2 or more, call .eval(), or build "
-                f"the layer with attention_norm=None (no BatchNorm in the attention)"
+                f"{type(self).__name__} with attention_norm='batch' cannot train on "
+                f"a batch of 1 sample: the attention BatchNorm needs at least 2 "
+                f"samples to compute batch statistics. Use a batch of 2 or more, "
+                f"call .eval(), or build the layer with attention_norm=None (no "
+                f"BatchNorm in the attention)"
             )
+        return x, unbatched
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``Tensor[N, C_in, H, W] -> Tensor[N, C_out, H_out, W_out]``."""
-        att = self.attentions(x)
-        return odconv2d(
-            x, self.weight, *att, self.bias, self.stride, self.padding,
-            self.dilation, self.groups, order=self.resolve_order(x.shape),
+    def _dynamic(self, x: Tensor) -> ODAttentions:
+        return self.attention(x, self.temperature)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return _odconv2d(
+            self.pad(x),
+            *self._dynamic(x),
+            self.weight,
+            self.bias,
+            self.stride,
+            self.op_padding,
+            self.dilation,
+            self.groups,
+            self.resolve_order(x.shape),
         )
 
-    def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}"
-        )
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        s += (
-            f", kernel_num={self.kernel_num}, reduction={self.reduction}, "
-            f"hidden={self.attention.hidden}, attention_norm={self.attention_norm!r}, "
-            f"temperature={self.temperature:g}, order={self.order!r}"
-        )
-        return s
+    def _preserve(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Function-preserving start: zero head weights and biases make every
+        sigmoid attention ``1/2`` and the kernel attention ``1/n`` at any
+        temperature, so the kernels are ``W`` divided by the product of the
+        sigmoid halves, plus zero-sum perturbations
+        (:func:`refimpl._conv.spread_kernel`); the static bias is ``conv``'s."""
+        a = self.attention
+        scale = 1.0
+        for head in (a.channel_fc, a.filter_fc, a.spatial_fc, a.kernel_fc):
+            if head is not None:
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+                if head is not a.kernel_fc:
+                    scale *= 0.5
+        self.weight.copy_(spread_kernel(weight, self.weight, scale))
+        if self.bias is not None:
+            self.bias.copy_(bias)
+
+    def _official_names(self):
+        """OSVAI/ODConv's ``ODConv2d``: ``weight`` as here (no bias); the
+        attention's 1x1 convolutions ``attention.fc.weight [h, C_in, 1, 1]``,
+        ``attention.{channel,filter,spatial,kernel}_fc.weight [out, h, 1, 1]`` and
+        ``.bias [out]``, and ``attention.bn.*`` (weight, bias, running statistics,
+        ``num_batches_tracked``), reshaped to the linear layers."""
+        if self.bias is not None or self.attention_norm is None:
+            raise ValueError(
+                f"{type(self).__name__}.load_official_state_dict expected a layer "
+                f"built like the official one (bias=False, attention_norm='batch'), "
+                f"got bias={self.bias is not None}, "
+                f"attention_norm={self.attention_norm!r}"
+            )
+        names = {"weight": ("weight", tuple(self.weight.shape))}
+        for key, value in self.attention.state_dict().items():
+            shape = tuple(value.shape)
+            if key.endswith("fc.weight"):
+                shape = (*shape, 1, 1)
+            names["attention." + key] = ("attention." + key, shape)
+        return names

@@ -45,8 +45,14 @@ from torch import Tensor, nn
 
 from ._validation import check_positive_int
 
-__all__ = ["ToyData", "make_oriented_textures", "TinyCNN", "History", "train",
-           "evaluate"]
+__all__ = [
+    "ToyData",
+    "make_oriented_textures",
+    "TinyCNN",
+    "History",
+    "train",
+    "evaluate",
+]
 
 
 @dataclasses.dataclass
@@ -71,13 +77,20 @@ class ToyData:
         """A copy with every tensor moved to ``device``."""
         return dataclasses.replace(
             self,
-            train_x=self.train_x.to(device), train_y=self.train_y.to(device),
-            test_x=self.test_x.to(device), test_y=self.test_y.to(device),
+            train_x=self.train_x.to(device),
+            train_y=self.train_y.to(device),
+            test_x=self.test_x.to(device),
+            test_y=self.test_y.to(device),
         )
 
 
-def _gratings(labels: Tensor, size: int, num_classes: int, noise: float,
-              generator: torch.Generator) -> Tensor:
+def _gratings(
+    labels: Tensor,
+    size: int,
+    num_classes: int,
+    noise: float,
+    generator: torch.Generator,
+) -> Tensor:
     n = labels.shape[0]
 
     def uniform(low: float, high: float) -> Tensor:
@@ -91,8 +104,7 @@ def _gratings(labels: Tensor, size: int, num_classes: int, noise: float,
     contrast = uniform(0.5, 1.5)
     coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    along = (xx * torch.cos(theta)[:, None, None]
-             + yy * torch.sin(theta)[:, None, None])
+    along = xx * torch.cos(theta)[:, None, None] + yy * torch.sin(theta)[:, None, None]
     images = contrast[:, None, None] * torch.cos(
         2 * math.pi * frequency[:, None, None] * along + phase[:, None, None]
     )
@@ -319,8 +331,10 @@ def train(
         raise TypeError(
             f"{owner} expected data to be a ToyData, got {type(data).__name__}"
         )
-    for name, hook in (("on_epoch_start", on_epoch_start),
-                       ("on_iteration_start", on_iteration_start)):
+    for name, hook in (
+        ("on_epoch_start", on_epoch_start),
+        ("on_iteration_start", on_iteration_start),
+    ):
         if hook is not None and not callable(hook):
             raise TypeError(f"{owner} expected {name} to be callable or None")
 

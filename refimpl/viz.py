@@ -182,8 +182,15 @@ def plot_heatmap(
         for (r, c), v in _enumerate2d(values):
             red, green, blue, _ = image.cmap(image.norm(v))
             dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
-            ax.text(c, r, f"{v:.2g}", ha="center", va="center", fontsize=7,
-                    color="white" if dark else "black")
+            ax.text(
+                c,
+                r,
+                f"{v:.2g}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if dark else "black",
+            )
     if colorbar:
         bar = ax.figure.colorbar(image, ax=ax, shrink=0.85)
         if label:
@@ -228,12 +235,19 @@ def plot_image_grid(
     ncols = ncols or n
     nrows = -(-n // ncols)
     fig, axes = plt.subplots(
-        nrows, ncols, figsize=(panel_size * ncols * 1.15, panel_size * nrows),
+        nrows,
+        ncols,
+        figsize=(panel_size * ncols * 1.15, panel_size * nrows),
         squeeze=False,
     )
     for ax, (title, data) in zip(axes.flat, images.items()):
         plot_heatmap(
-            data, ax=ax, title=title, label=label, symmetric=symmetric, cmap=cmap,
+            data,
+            ax=ax,
+            title=title,
+            label=label,
+            symmetric=symmetric,
+            cmap=cmap,
             annotate=annotate,
         )
     for ax in list(axes.flat)[n:]:
@@ -314,30 +328,47 @@ def plot_sliding_window(
         for v in range(kw):
             r, c = row * sh + u * dh, col * sw + v * dw
             ax.add_patch(
-                Rectangle((c + 0.12, r + 0.12), 0.76, 0.76, facecolor=COLORS["kernel"],
-                          edgecolor="black", linewidth=0.8)
+                Rectangle(
+                    (c + 0.12, r + 0.12),
+                    0.76,
+                    0.76,
+                    facecolor=COLORS["kernel"],
+                    edgecolor="black",
+                    linewidth=0.8,
+                )
             )
     offset = wp + 1.5  # the output grid sits to the right of the input
     top = (hp - h_out) / 2
     for r in range(h_out):
         for c in range(w_out):
             current = (r, c) == (row, col)
-            ax.add_patch(Rectangle(
-                (offset + c, top + r), 1, 1,
-                edgecolor="black" if current else "white",
-                facecolor=COLORS["current"] if current else COLORS["output"],
-            ))
+            ax.add_patch(
+                Rectangle(
+                    (offset + c, top + r),
+                    1,
+                    1,
+                    edgecolor="black" if current else "white",
+                    facecolor=COLORS["current"] if current else COLORS["output"],
+                )
+            )
     ax.set_xlim(-0.5, offset + w_out + 0.5)
     ax.set_ylim(hp + 0.5, -0.5)
     ax.set_aspect("equal")
     ax.axis("off")
-    ax.set_title(title or (
-        f"k={_fmt(kh, kw)} s={_fmt(sh, sw)} p={_fmt(ph, pw)} d={_fmt(dh, dw)}: "
-        f"{h}x{w} -> {h_out}x{w_out}"
-    ))
+    ax.set_title(
+        title
+        or (
+            f"k={_fmt(kh, kw)} s={_fmt(sh, sw)} p={_fmt(ph, pw)} d={_fmt(dh, dw)}: "
+            f"{h}x{w} -> {h_out}x{w_out}"
+        )
+    )
     if legend:
-        ax.legend(handles=role_handles(), loc="upper center",
-                  bbox_to_anchor=(0.5, 0.0), ncol=3)
+        ax.legend(
+            handles=role_handles(),
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncol=3,
+        )
     return ax.figure
 
 

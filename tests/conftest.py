@@ -48,6 +48,20 @@ def randn(
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test of many tiny ops (gradcheck, tiny-model training) on one thread.
+
+    Thousands of operations of a few elements each spend their time in thread
+    synchronisation on a busy machine; one thread is many times faster there.
+    The previous thread count is restored afterwards.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def rand():
     """The :func:`randn` helper as a fixture."""
     return randn

@@ -7,7 +7,6 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randn, tolerance
 from torch import nn
 
 from refimpl.arithmetic import (
@@ -19,6 +18,8 @@ from refimpl.arithmetic import (
     conv_transpose_output_size,
     receptive_field,
 )
+
+from conftest import randn, tolerance
 
 CONVS = [conv2d_loops, conv2d_unfold, conv2d_fft]
 
@@ -59,8 +60,11 @@ def test_output_shape_is_conv_output_size(conv, device):
     x, weight, _, kw = _args(CONFIGS[3], device)
     out = conv(x, weight, **kw)
     size = conv_output_size(
-        tuple(x.shape[2:]), tuple(weight.shape[2:]),
-        kw["stride"], kw["padding"], kw["dilation"],
+        tuple(x.shape[2:]),
+        tuple(weight.shape[2:]),
+        kw["stride"],
+        kw["padding"],
+        kw["dilation"],
     )
     assert tuple(out.shape) == (x.shape[0], weight.shape[0], *size)
 
@@ -147,12 +151,14 @@ def test_fft_under_autocast():
 
 def test_conv_output_size_sweep_against_nn_conv2d():
     checked = 0
-    for h, k, s, p, d in itertools.product(range(1, 9), range(1, 5), range(1, 4),
-                                           range(0, 3), range(1, 4)):
+    for h, k, s, p, d in itertools.product(
+        range(1, 9), range(1, 5), range(1, 4), range(0, 3), range(1, 4)
+    ):
         w_in, kw = h + 2, max(1, k - 1)  # non-square image and kernel
         # the meta device computes shapes (and shape errors) without data
-        conv = nn.Conv2d(1, 1, (k, kw), (s, 1), (p, 0), (d, 1), bias=False,
-                         device="meta")
+        conv = nn.Conv2d(
+            1, 1, (k, kw), (s, 1), (p, 0), (d, 1), bias=False, device="meta"
+        )
         x = torch.empty(1, 1, h, w_in, device="meta")
         try:
             expected = tuple(conv(x).shape[2:])
@@ -176,8 +182,9 @@ def test_conv_output_size_form_and_special_case():
 
 def test_conv_transpose_output_size_sweep_against_nn():
     checked = 0
-    for i, k, s, p, d in itertools.product(range(1, 6), range(1, 4), range(1, 4),
-                                           range(0, 3), range(1, 3)):
+    for i, k, s, p, d in itertools.product(
+        range(1, 6), range(1, 4), range(1, 4), range(0, 3), range(1, 3)
+    ):
         for a in range(max(s, d) + 1):
             layer = nn.ConvTranspose2d(1, 1, k, s, p, a, dilation=d, bias=False)
             x = torch.zeros(1, 1, i, i + 2)
@@ -212,24 +219,48 @@ def test_transpose_inverts_the_size_of_a_strided_conv():
     "kwargs, error, match",
     [
         (dict(size=0, kernel_size=3), ValueError, r"expected size >= 1, got 0"),
-        (dict(size=5, kernel_size=-1), ValueError,
-         r"expected kernel_size >= 1, got -1"),
+        (
+            dict(size=5, kernel_size=-1),
+            ValueError,
+            r"expected kernel_size >= 1, got -1",
+        ),
         (dict(size=5, kernel_size=3, stride=0), ValueError, r"expected stride >= 1"),
-        (dict(size=5, kernel_size=3, padding=-1), ValueError,
-         r"expected padding >= 0, got -1"),
-        (dict(size=5, kernel_size=3, dilation=(1, 0)), ValueError,
-         r"expected dilation >= 1, got \(1, 0\)"),
-        (dict(size=3, kernel_size=5), ValueError,
-         r"expected the dilated kernel \(size 5\) to fit in the padded input "
-         r"\(size 3\), got a kernel larger than the input"),
-        (dict(size=5, kernel_size=3, dilation=3), ValueError,
-         r"expected the dilated kernel \(size 7\)"),
-        (dict(size=5.0, kernel_size=3), TypeError,
-         r"expected size to be an int or a pair of ints, got 5.0"),
-        (dict(size=5, kernel_size=(3, 3, 3)), TypeError,
-         r"expected kernel_size to be an int or a pair of ints, got \(3, 3, 3\)"),
-        (dict(size=5, kernel_size=True), TypeError,
-         r"expected kernel_size to be an int or a pair of ints, got True"),
+        (
+            dict(size=5, kernel_size=3, padding=-1),
+            ValueError,
+            r"expected padding >= 0, got -1",
+        ),
+        (
+            dict(size=5, kernel_size=3, dilation=(1, 0)),
+            ValueError,
+            r"expected dilation >= 1, got \(1, 0\)",
+        ),
+        (
+            dict(size=3, kernel_size=5),
+            ValueError,
+            r"expected the dilated kernel \(size 5\) to fit in the padded input "
+            r"\(size 3\), got a kernel larger than the input",
+        ),
+        (
+            dict(size=5, kernel_size=3, dilation=3),
+            ValueError,
+            r"expected the dilated kernel \(size 7\)",
+        ),
+        (
+            dict(size=5.0, kernel_size=3),
+            TypeError,
+            r"expected size to be an int or a pair of ints, got 5.0",
+        ),
+        (
+            dict(size=5, kernel_size=(3, 3, 3)),
+            TypeError,
+            r"expected kernel_size to be an int or a pair of ints, got \(3, 3, 3\)",
+        ),
+        (
+            dict(size=5, kernel_size=True),
+            TypeError,
+            r"expected kernel_size to be an int or a pair of ints, got True",
+        ),
     ],
 )
 def test_conv_output_size_errors(kwargs, error, match):
@@ -238,8 +269,11 @@ def test_conv_output_size_errors(kwargs, error, match):
 
 
 def test_conv_transpose_output_size_errors():
-    with pytest.raises(ValueError, match=r"output_padding < max\(stride, dilation\) "
-                                         r"= 2, got output_padding=2"):
+    with pytest.raises(
+        ValueError,
+        match=r"output_padding < max\(stride, dilation\) "
+        r"= 2, got output_padding=2",
+    ):
         conv_transpose_output_size(4, 3, stride=2, output_padding=2)
     with pytest.raises(ValueError, match=r"positive output size, got -1"):
         conv_transpose_output_size(1, 1, padding=1)
@@ -311,20 +345,30 @@ def test_receptive_field_known_values():
     assert receptive_field([((3, 1), 1, 1)]) == ((3, 1), (1, 1))
     # the ResNet stem (7x7/2 conv, 3x3/2 max pool) sees 11x11 pixels, 4 apart;
     # pointwise modules do not count and modules give pairs
-    stem = [nn.Conv2d(3, 8, 7, 2, 3), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.MaxPool2d(3, 2, 1)]
+    stem = [
+        nn.Conv2d(3, 8, 7, 2, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     assert receptive_field(stem) == ((11, 11), (4, 4))
     assert receptive_field(nn.Sequential(*stem)) == ((11, 11), (4, 4))
 
 
 def test_receptive_field_errors():
-    with pytest.raises(TypeError, match=r"receptive_field expected Conv2d, MaxPool2d, "
-                                        r"AvgPool2d or a pointwise module at "
-                                        r"layers\[1\], got Linear"):
+    with pytest.raises(
+        TypeError,
+        match=r"receptive_field expected Conv2d, MaxPool2d, "
+        r"AvgPool2d or a pointwise module at "
+        r"layers\[1\], got Linear",
+    ):
         receptive_field([nn.Conv2d(1, 1, 3), nn.Linear(2, 2)])
-    with pytest.raises(TypeError, match=r"expected layers\[0\] to be a \(kernel_size, "
-                                        r"stride, dilation\) tuple or a module, got "
-                                        r"\(3, 1\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"expected layers\[0\] to be a \(kernel_size, "
+        r"stride, dilation\) tuple or a module, got "
+        r"\(3, 1\)",
+    ):
         receptive_field([(3, 1)])
     with pytest.raises(TypeError, match=r"expected layers to be a sequence"):
         receptive_field(3)
@@ -339,42 +383,106 @@ def test_receptive_field_errors():
 @pytest.mark.parametrize(
     "make, kwargs, error, match",
     [
-        (lambda: (randn(3, 4, 4), randn(2, 3, 3, 3)), {}, ValueError,
-         r"expected input with 4 dimensions, got 3 dimensions"),
-        (lambda: (randn(1, 3, 4, 4), randn(2, 3, 3)), {}, ValueError,
-         r"expected weight with 4 dimensions, got 3"),
-        (lambda: (randn(1, 3, 4, 4).long(), randn(2, 3, 3, 3)), {}, TypeError,
-         r"expected input with a floating-point dtype, got torch.int64"),
-        (lambda: ([[1.0]], randn(2, 3, 3, 3)), {}, TypeError,
-         r"expected input to be a torch.Tensor, got list"),
-        (lambda: (randn(1, 3, 4, 4), randn(2, 3, 3, 3).float()), {}, TypeError,
-         r"expected weight with the dtype of input \(torch.float64\), got "
-         r"torch.float32"),
-        (lambda: (randn(1, 4, 4, 4), randn(2, 3, 3, 3)), {}, ValueError,
-         r"expected input with 3 channels, got 4"),
-        (lambda: (randn(1, 4, 4, 4), randn(3, 2, 3, 3)), {"groups": 2}, ValueError,
-         r"expected groups to divide out_channels, got out_channels=3, groups=2"),
-        (lambda: (randn(1, 3, 4, 4), randn(2, 1, 3, 3)), {"groups": 2}, ValueError,
-         r"expected groups to divide in_channels, got in_channels=3, groups=2"),
-        (lambda: (randn(1, 3, 4, 4), randn(2, 3, 3, 3)), {"groups": 0}, ValueError,
-         r"expected groups >= 1, got 0"),
-        (lambda: (randn(1, 3, 4, 4), randn(2, 3, 3, 3)), {"stride": 0}, ValueError,
-         r"expected stride >= 1"),
-        (lambda: (randn(1, 3, 4, 4), randn(2, 3, 3, 3)), {"padding": "same"},
-         TypeError, r"expected padding to be an int or a pair of ints, got 'same'"),
-        (lambda: (randn(1, 3, 4, 4), randn(2, 3, 5, 3)), {}, ValueError,
-         r"expected the dilated kernel \(size 5\) to fit in the padded input "
-         r"\(size 4\) along height"),
-        (lambda: (randn(1, 3, 4, 4), randn(2, 3, 3, 3)), {"dilation": (1, 2)},
-         ValueError, r"expected the dilated kernel \(size 5\) to fit in the padded "
-                     r"input \(size 4\) along width"),
-        (lambda: (randn(1, 3, 0, 4), randn(2, 3, 1, 1)), {}, ValueError,
-         r"expected input \[N, C_in, H, W\] with C_in, H, W >= 1"),
-        (lambda: (randn(1, 3, 4, 4), randn(0, 3, 1, 1)), {}, ValueError,
-         r"expected weight \[C_out, C_in/groups, kH, kW\] with sizes >= 1"),
-        (lambda: (randn(1, 3, 4, 4), randn(2, 3, 1, 1)), {"bias": randn(3)},
-         ValueError, r"expected bias of shape \(2,\) and dtype torch.float64, got "
-                     r"shape \(3,\)"),
+        (
+            lambda: (randn(3, 4, 4), randn(2, 3, 3, 3)),
+            {},
+            ValueError,
+            r"expected input with 4 dimensions, got 3 dimensions",
+        ),
+        (
+            lambda: (randn(1, 3, 4, 4), randn(2, 3, 3)),
+            {},
+            ValueError,
+            r"expected weight with 4 dimensions, got 3",
+        ),
+        (
+            lambda: (randn(1, 3, 4, 4).long(), randn(2, 3, 3, 3)),
+            {},
+            TypeError,
+            r"expected input with a floating-point dtype, got torch.int64",
+        ),
+        (
+            lambda: ([[1.0]], randn(2, 3, 3, 3)),
+            {},
+            TypeError,
+            r"expected input to be a torch.Tensor, got list",
+        ),
+        (
+            lambda: (randn(1, 3, 4, 4), randn(2, 3, 3, 3).float()),
+            {},
+            TypeError,
+            r"expected weight with the dtype of input \(torch.float64\), got "
+            r"torch.float32",
+        ),
+        (
+            lambda: (randn(1, 4, 4, 4), randn(2, 3, 3, 3)),
+            {},
+            ValueError,
+            r"expected input with 3 channels, got 4",
+        ),
+        (
+            lambda: (randn(1, 4, 4, 4), randn(3, 2, 3, 3)),
+            {"groups": 2},
+            ValueError,
+            r"expected groups to divide out_channels, got out_channels=3, groups=2",
+        ),
+        (
+            lambda: (randn(1, 3, 4, 4), randn(2, 1, 3, 3)),
+            {"groups": 2},
+            ValueError,
+            r"expected groups to divide in_channels, got in_channels=3, groups=2",
+        ),
+        (
+            lambda: (randn(1, 3, 4, 4), randn(2, 3, 3, 3)),
+            {"groups": 0},
+            ValueError,
+            r"expected groups >= 1, got 0",
+        ),
+        (
+            lambda: (randn(1, 3, 4, 4), randn(2, 3, 3, 3)),
+            {"stride": 0},
+            ValueError,
+            r"expected stride >= 1",
+        ),
+        (
+            lambda: (randn(1, 3, 4, 4), randn(2, 3, 3, 3)),
+            {"padding": "same"},
+            TypeError,
+            r"expected padding to be an int or a pair of ints, got 'same'",
+        ),
+        (
+            lambda: (randn(1, 3, 4, 4), randn(2, 3, 5, 3)),
+            {},
+            ValueError,
+            r"expected the dilated kernel \(size 5\) to fit in the padded input "
+            r"\(size 4\) along height",
+        ),
+        (
+            lambda: (randn(1, 3, 4, 4), randn(2, 3, 3, 3)),
+            {"dilation": (1, 2)},
+            ValueError,
+            r"expected the dilated kernel \(size 5\) to fit in the padded "
+            r"input \(size 4\) along width",
+        ),
+        (
+            lambda: (randn(1, 3, 0, 4), randn(2, 3, 1, 1)),
+            {},
+            ValueError,
+            r"expected input \[N, C_in, H, W\] with C_in, H, W >= 1",
+        ),
+        (
+            lambda: (randn(1, 3, 4, 4), randn(0, 3, 1, 1)),
+            {},
+            ValueError,
+            r"expected weight \[C_out, C_in/groups, kH, kW\] with sizes >= 1",
+        ),
+        (
+            lambda: (randn(1, 3, 4, 4), randn(2, 3, 1, 1)),
+            {"bias": randn(3)},
+            ValueError,
+            r"expected bias of shape \(2,\) and dtype torch.float64, got "
+            r"shape \(3,\)",
+        ),
     ],
 )
 def test_conv_errors(conv, make, kwargs, error, match):

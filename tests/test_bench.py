@@ -5,7 +5,11 @@ The figures themselves are measured by running the benchmark, not here.
 
 from __future__ import annotations
 
+import builtins
+import ctypes
+import io
 import math
+import os
 
 import pytest
 import torch
@@ -13,32 +17,116 @@ import torch
 from refimpl import bench
 
 TINY = bench.BenchSpec(batch=2, in_channels=4, out_channels=4, size=8, kernel_size=3)
+CPU = torch.device("cpu")
+FRESH = pytest.mark.skipif(
+    not bench._fresh_process_available(),
+    reason="the resident-set measure needs Linux /proc",
+)
 
 
-def test_every_case_runs_and_ratios_are_relative_to_the_baseline():
-    names = [n for n in bench.CASES if n != "conv2d"]
-    rows = bench.run(names, TINY, torch.device("cpu"), min_run_time=0.01, rounds=1)
-    assert [r["name"] for r in rows] == ["conv2d"] + names
-    base = rows[0]
-    assert base["forward_ratio"] == 1.0 and base["forward_backward_ratio"] == 1.0
-    for row in rows:
-        assert row["forward_s"] > 0 and row["forward_backward_s"] > 0
-        assert math.isclose(
-            row["forward_ratio"], row["forward_s"] / base["forward_s"]
-        )
-    table = bench.format_table(rows, torch.device("cpu"), TINY)
-    assert all(name in table for name in ["conv2d"] + names)
-
-
-def test_cpu_peak_memory_sees_a_large_temporary():
-    """A 64 MiB temporary that lives only inside the call must show in the peak."""
+def _sixty_four_mib_temporary():
+    """Set-up run in the measuring process: a call with a 64 MiB temporary."""
 
     def stmt():
         t = torch.ones(16 * 2**20)  # 64 MiB of float32, touched
         return float(t[0])
 
-    peak = bench._peak_memory(stmt, torch.device("cpu"))
+    return stmt
+
+
+def _fill_the_heap_and_free_it() -> torch.Tensor:
+    """Leave 256 MiB of freed memory resident in this process; return the pin.
+
+    Blocks under 64 KiB come from glibc's heap whatever its mmap threshold, and the
+    block allocated on top of them keeps the heap from shrinking when they are
+    freed: a later 64 MiB allocation in this process is then served from pages
+    that are already resident, and a resident-set measure taken in this process
+    sees no peak.
+    """
+    blocks = [torch.ones(2**13) for _ in range(2**13)]  # 8192 x 32 KiB
+    pin = torch.ones(2**13)  # on top of the heap
+    del blocks
+    return pin
+
+
+@pytest.fixture
+def caller_untouched(monkeypatch):
+    """Records every attempt of this process to reset its peak resident set
+    (writing ``/proc/self/clear_refs``) or to load the C library (for ``mallopt``);
+    the test fails if there was one."""
+    attempts = []
+    real_open, real_os_open, real_cdll = builtins.open, os.open, ctypes.CDLL
+
+    def watched_open(file, *args, **kwargs):
+        if "clear_refs" in str(file):
+            attempts.append(("open", file))
+        return real_open(file, *args, **kwargs)
+
+    def watched_os_open(path, *args, **kwargs):
+        if "clear_refs" in str(path):
+            attempts.append(("os.open", path))
+        return real_os_open(path, *args, **kwargs)
+
+    def watched_cdll(name, *args, **kwargs):
+        if name is None or os.path.basename(str(name)).startswith("libc.so"):
+            attempts.append(("ctypes.CDLL", name))
+        return real_cdll(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", watched_open)
+    monkeypatch.setattr(io, "open", watched_open)
+    monkeypatch.setattr(os, "open", watched_os_open)
+    monkeypatch.setattr(ctypes, "CDLL", watched_cdll)
+    yield attempts
+    assert attempts == [], "the caller's allocator or /proc settings were touched"
+
+
+def test_every_case_runs_and_ratios_are_relative_to_the_baseline(caller_untouched):
+    """Every case runs, peak memory included (in fresh processes on Linux), and
+    the calling process never changes its own allocator or /proc settings."""
+    names = [n for n in bench.CASES if n != "conv2d"]
+    lines = []
+    rows = bench.run(
+        names, TINY, CPU, min_run_time=0.01, rounds=1, progress=lines.append
+    )
+    assert [r["name"] for r in rows] == ["conv2d"] + names
+    assert [r["name"] for r in rows if r["skipped"] or r["peak_error"]] == []
+    base = rows[0]
+    assert base["forward_ratio"] == 1.0 and base["forward_backward_ratio"] == 1.0
+    for row in rows:
+        assert row["forward_s"] > 0 and row["forward_backward_s"] > 0
+        assert row["peak_bytes"] >= 0
+        assert math.isclose(row["forward_ratio"], row["forward_s"] / base["forward_s"])
+        if bench._fresh_process_available():
+            assert row["peak_method"] == "resident set, fresh process"
+    n = len(rows)
+    assert f"[1/{n}] cpu conv2d: latency, round 1/1" in lines
+    last = f"[{n}/{n}] cpu {names[-1]}: peak memory"
+    assert any(line.startswith(last) for line in lines)
+    table = bench.format_table(rows, CPU, TINY)
+    assert all(name in table for name in ["conv2d"] + names)
+    assert "skipped" not in table
+
+
+@FRESH
+def test_cpu_peak_memory_sees_a_large_temporary_whatever_ran_before():
+    """A 64 MiB temporary that lives only inside the call shows in the peak, even
+    after this process freed a few hundred MiB that stay resident."""
+    pin = _fill_the_heap_and_free_it()
+    peak, method = bench._fresh_process_peak_memory(_sixty_four_mib_temporary)
+    del pin
+    assert method == "resident set, fresh process"
     assert 60 * 2**20 <= peak <= 80 * 2**20
+
+
+def test_fresh_process_needs_a_module_level_function():
+    with pytest.raises(ValueError, match="module-level function"):
+        bench._fresh_process_peak_memory(lambda: lambda: None)
+
+
+@FRESH
+def test_fresh_process_reports_the_error_of_the_measured_call():
+    with pytest.raises(RuntimeError, match="ValueError: BenchSpec expected batch"):
+        bench._fresh_process_peak_memory(bench.BenchSpec, 0)
 
 
 def test_dispatch_tracker_sees_op_outputs_and_their_release():
@@ -57,10 +145,125 @@ def test_dispatch_tracker_sees_op_outputs_and_their_release():
     assert tracker.current == 0
 
 
+def test_without_proc_the_peak_is_the_dispatcher_count(monkeypatch):
+    monkeypatch.setattr(bench, "_fresh_process_available", lambda: False)
+    peak, method = bench.peak_memory("conv2d", TINY, CPU)
+    assert method == "dispatcher count"
+    assert peak > 0
+
+
+def _needs_cuda(spec, device, dtype):
+    raise bench.SkipCase("needs CUDA")
+
+
+def _fails_when_run(spec, device, dtype):
+    def fn(x):
+        raise TypeError("no kernel for this dtype")
+
+    return bench.Case(fn=fn, params=[], note="fails when run")
+
+
+def test_a_case_that_fails_is_skipped_with_its_reason(monkeypatch):
+    monkeypatch.setitem(bench.CASES, "needs_cuda", _needs_cuda)
+    monkeypatch.setitem(bench.CASES, "fails_when_run", _fails_when_run)
+    lines = []
+    rows = bench.run(
+        ["needs_cuda", "fails_when_run", "conv2d_unfold"],
+        TINY,
+        CPU,
+        min_run_time=0.01,
+        rounds=2,
+        memory=False,
+        progress=lines.append,
+    )
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["needs_cuda"]["skipped"] == "needs CUDA"
+    reason = "TypeError: no kernel for this dtype"
+    assert by_name["fails_when_run"]["skipped"] == reason
+    assert by_name["conv2d_unfold"]["skipped"] is None
+    assert by_name["conv2d_unfold"]["forward_s"] > 0
+    assert math.isnan(by_name["fails_when_run"]["forward_ratio"])
+    assert "[2/4] cpu needs_cuda: skipped: needs CUDA" in lines
+    assert "[3/4] cpu fails_when_run: latency, round 1/2" in lines
+    assert "[3/4] cpu fails_when_run: latency, round 2/2" not in lines
+    table = bench.format_table(rows, CPU, TINY)
+    assert "skipped: needs CUDA" in table
+    assert f"skipped: {reason}" in table
+
+
+def test_a_skipped_baseline_leaves_the_ratios_undefined(monkeypatch):
+    monkeypatch.setitem(bench.CASES, "needs_cuda", _needs_cuda)
+    rows = bench.run(
+        ["conv2d_unfold"],
+        TINY,
+        CPU,
+        min_run_time=0.01,
+        rounds=1,
+        memory=False,
+        baseline="needs_cuda",
+    )
+    assert rows[0]["skipped"] == "needs CUDA"
+    assert rows[1]["forward_s"] > 0 and math.isnan(rows[1]["forward_ratio"])
+
+
+def test_the_command_line_reports_progress_and_skipped_cases(monkeypatch, capsys):
+    monkeypatch.setitem(bench.CASES, "needs_cuda", _needs_cuda)
+    # The fresh processes are tested above; here they would only cost seconds.
+    monkeypatch.setattr(bench, "_fresh_process_available", lambda: False)
+    args = "--device cpu --batch 2 --in-channels 4 --out-channels 4 --size 8"
+    args += " --min-run-time 0.01 --rounds 1 --ops needs_cuda"
+    assert bench.main(args.split()) == 0
+    out, err = capsys.readouterr()
+    assert "[1/2] cpu conv2d: latency, round 1/1" in err
+    assert "[2/2] cpu needs_cuda: skipped: needs CUDA" in err
+    assert "needs_cuda                 skipped: needs CUDA" in out
+    assert "nn.Conv2d, the baseline" in out
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--rounds", "0"),
+        ("--rounds", "-2"),
+        ("--batch", "0"),
+        ("--batch", "-1"),
+        ("--batch", "two"),
+        ("--in-channels", "0"),
+        ("--out-channels", "-4"),
+        ("--size", "0"),
+        ("--kernel-size", "0"),
+        ("--min-run-time", "0"),
+        ("--min-run-time", "-1"),
+        ("--min-run-time", "nan"),
+        ("--min-run-time", "inf"),
+        ("--threads", "0"),
+        ("--threads", "-1"),
+    ],
+)
+def test_invalid_options_are_rejected(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: expected a" in err
+    assert repr(value) in err or value in err
+
+
 def test_unknown_case_is_an_error(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--ops", "no_such_op", "--device", "cpu"])
     assert "unknown case" in capsys.readouterr().err
+
+
+def test_run_checks_its_arguments():
+    with pytest.raises(ValueError, match="run expected case names"):
+        bench.run(["no_such_op"], TINY, CPU)
+    with pytest.raises(ValueError, match="run expected rounds"):
+        bench.run([], TINY, CPU, rounds=0)
+    with pytest.raises(ValueError, match="run expected min_run_time > 0"):
+        bench.run([], TINY, CPU, min_run_time=float("nan"))
+    with pytest.raises(ValueError, match="BenchSpec expected batch"):
+        bench.BenchSpec(batch=0)
 
 
 def test_registering_a_name_twice_is_an_error():

@@ -7,17 +7,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randn, tolerance
 from torch import nn
 
 from refimpl.condconv import (
     CondConv2d,
     condconv2d,
-    condconv2d_experts,
+    condconv2d_reference,
     experts_from_flat,
     experts_to_flat,
     mix_experts,
 )
+
+from conftest import randn, tolerance
 
 F64 = tolerance(torch.float64)
 
@@ -31,7 +32,7 @@ GEOMETRIES = [
 ]
 
 
-def _module(*geometry, num_experts=3, bias=True, seed=0, dtype=torch.float64):
+def _module(*geometry, num_kernels=3, bias=True, seed=0, dtype=torch.float64):
     c_in, c_out, kernel, stride, padding, dilation, groups, _ = geometry
     torch.manual_seed(seed)
     return CondConv2d(
@@ -43,7 +44,7 @@ def _module(*geometry, num_experts=3, bias=True, seed=0, dtype=torch.float64):
         dilation,
         groups,
         bias,
-        num_experts=num_experts,
+        num_kernels=num_kernels,
         dtype=dtype,
     )
 
@@ -58,19 +59,6 @@ def _per_sample_mixed_reference(
         b = None if bias is None else torch.einsum("e,eo->o", routing[i], bias)
         outs.append(F.conv2d(x[i : i + 1], w, b, stride, padding, dilation, groups))
     return torch.cat(outs)
-
-
-@pytest.fixture
-def one_thread():
-    """Run a test of many tiny ops (gradcheck) on one CPU thread.
-
-    Thousands of convolutions of a few elements each spend their time in thread
-    synchronisation on a busy machine; one thread is many times faster there.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
@@ -94,6 +82,39 @@ def test_output_shape_is_conv2d_shape(geometry, device):
     assert m.bias.shape == (3, c_out)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_padding_strings_as_conv2d(padding):
+    # kernel (2, 4): "same" pads asymmetrically, as nn.Conv2d does
+    geometry = (4, 6, (2, 4), 1, padding, 1, 2, (7, 9))
+    c_in, c_out, kernel, stride, _, dilation, groups, size = geometry
+    torch.manual_seed(4)
+    plain = nn.Conv2d(
+        c_in, c_out, kernel, stride, padding, dilation, groups, dtype=torch.float64
+    )
+    m = _module(*geometry, num_kernels=1)
+    assert m.padding == plain.padding
+    with torch.no_grad():
+        m.weight.copy_(plain.weight[None])
+        m.bias.copy_(plain.bias[None])
+    x = randn(3, c_in, *size, seed=24)
+    ones = x.new_ones(3, 1)
+    assert m(x).shape == plain(x).shape
+    torch.testing.assert_close(m(x, ones), plain(x), **F64)
+
+
+def test_unbatched_input_is_a_batch_of_one():
+    m = _module(*GEOMETRIES[1])
+    x = randn(4, 9, 10, seed=25)
+    out = m(x)
+    assert out.shape == (6, 5, 10)
+    torch.testing.assert_close(out, m(x[None])[0], **F64)
+    (routing,) = m.dynamic_tensors(x)
+    torch.testing.assert_close(routing, m.dynamic_tensors(x[None]).routing, **F64)
+    r = torch.rand(3, dtype=torch.float64)
+    torch.testing.assert_close(m(x, r), m(x[None], r[None])[0], **F64)
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_mix_then_convolve_equals_mixture_of_expert_outputs(geometry, bias, device):
@@ -104,7 +125,7 @@ def test_mix_then_convolve_equals_mixture_of_expert_outputs(geometry, bias, devi
     routing = randn(4, 3, seed=2, device=device)
     args = (m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
     fast = condconv2d(x, routing, *args)
-    experts = condconv2d_experts(x, routing, *args)
+    experts = condconv2d_reference(x, routing, *args)
     mixed = _per_sample_mixed_reference(x, routing, *args)
     torch.testing.assert_close(fast, experts, **F64)
     torch.testing.assert_close(fast, mixed, **F64)
@@ -117,10 +138,10 @@ def test_module_uses_its_routing_function():
     # The paper's r(x) = sigmoid(GAP(x) R + c), written out independently.
     pooled = x.sum(dim=(2, 3)) / (9 * 10)
     expected = torch.sigmoid(pooled @ m.routing_fc.weight.T + m.routing_fc.bias)
-    torch.testing.assert_close(m.routing(x), expected, **F64)
+    torch.testing.assert_close(m.dynamic_tensors(x).routing, expected, **F64)
     torch.testing.assert_close(
         m(x),
-        condconv2d_experts(
+        condconv2d_reference(
             x, expected, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups
         ),
         **F64,
@@ -128,11 +149,11 @@ def test_module_uses_its_routing_function():
 
 
 def test_routing_is_sigmoid_not_softmax():
-    m = _module(4, 6, 3, 1, 1, 1, 1, None, num_experts=8)
+    m = _module(4, 6, 3, 1, 1, 1, 1, None, num_kernels=8)
     with torch.no_grad():
         m.routing_fc.weight.normal_(0, 3.0)
         m.routing_fc.bias.normal_(0, 3.0)
-    r = m.routing(randn(16, 4, 5, 5, seed=4))
+    r = m.dynamic_tensors(randn(16, 4, 5, 5, seed=4)).routing
     assert r.shape == (16, 8)
     assert bool(((r > 0) & (r < 1)).all())
     # Independent sigmoids: the rows do not sum to one.
@@ -145,7 +166,7 @@ def test_one_expert_with_routing_one_is_conv2d():
     plain = nn.Conv2d(
         c_in, c_out, kernel, stride, padding, dilation, groups, dtype=torch.float64
     )
-    m = _module(*GEOMETRIES[1], num_experts=1)
+    m = _module(*GEOMETRIES[1], num_kernels=1)
     with torch.no_grad():
         m.weight.copy_(plain.weight[None])
         m.bias.copy_(plain.bias[None])
@@ -159,7 +180,7 @@ def test_one_expert_with_routing_one_is_conv2d():
 @pytest.mark.parametrize("alpha", [0.5, 0.2])
 def test_uniform_routing_is_scaled_mean_kernel(alpha):
     geometry = GEOMETRIES[0]
-    m = _module(*geometry, num_experts=8)
+    m = _module(*geometry, num_kernels=8)
     x = randn(3, 3, 8, 8, seed=6)
     routing = x.new_full((3, 8), alpha)
     # sum_e alpha W_e = n * alpha * mean_e W_e: the sigmoid routing is not convex.
@@ -170,14 +191,14 @@ def test_uniform_routing_is_scaled_mean_kernel(alpha):
 
 def test_external_routing_is_used_and_shared():
     torch.manual_seed(0)
-    a = CondConv2d(4, 8, 3, padding=1, num_experts=4, dtype=torch.float64)
-    b = CondConv2d(8, 4, 1, num_experts=4, dtype=torch.float64)
+    a = CondConv2d(4, 8, 3, padding=1, num_kernels=4, dtype=torch.float64)
+    b = CondConv2d(8, 4, 1, num_kernels=4, dtype=torch.float64)
     x = randn(2, 4, 6, 6, seed=7)
-    shared = a.routing(x)  # one routing vector per block, as the official code
+    # one routing vector per block, as the official code
+    (shared,) = a.dynamic_tensors(x)
     y = b(a(x, shared), shared)
-    expected = condconv2d_experts(
-        condconv2d_experts(x, shared, a.weight, a.bias, 1, 1), shared, b.weight, b.bias
-    )
+    inner = condconv2d_reference(x, shared, a.weight, a.bias, 1, 1)
+    expected = condconv2d_reference(inner, shared, b.weight, b.bias)
     torch.testing.assert_close(y, expected, **F64)
     other = torch.rand(2, 4, dtype=torch.float64)
     assert not torch.allclose(a(x, other), a(x))
@@ -204,7 +225,7 @@ def test_mix_experts_is_weighted_sum():
 
 @torch.no_grad()
 def test_initialisation_like_conv2d():
-    m = CondConv2d(16, 32, (3, 5), groups=2, num_experts=8)
+    m = CondConv2d(16, 32, (3, 5), groups=2, num_kernels=8)
     fan_in = 8 * 3 * 5
     bound = 1 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)) and nn.Conv2d's bias
     assert float(m.weight.abs().max()) <= bound
@@ -230,7 +251,7 @@ def test_gradcheck_functional(one_thread):
 
 def test_gradcheck_module(one_thread):
     # The routing path (GAP, Linear, sigmoid) is differentiated here too.
-    m = _module(2, 2, 2, 1, 1, 1, 1, None, num_experts=2)
+    m = _module(2, 2, 2, 1, 1, 1, 1, None, num_kernels=2)
     x = randn(2, 2, 3, 3, seed=15, requires_grad=True)
     params = list(m.parameters())
 
@@ -246,7 +267,7 @@ def test_gradcheck_module(one_thread):
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_batch_independence(mode):
-    m = _module(*GEOMETRIES[1], num_experts=4)
+    m = _module(*GEOMETRIES[1], num_kernels=4)
     getattr(m, mode)()
     x = randn(6, 4, 9, 10, seed=16)
     together = m(x)
@@ -263,8 +284,9 @@ def test_batch_sizes(n, device):
     out = m(x)
     assert out.shape == (n, 6, 5, 10)
     if n:
+        (routing,) = m.dynamic_tensors(x)
         ref = _per_sample_mixed_reference(
-            x, m.routing(x), m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups
+            x, routing, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups
         )
         torch.testing.assert_close(out, ref, **F64)
     out.sum().backward()
@@ -285,12 +307,12 @@ def test_channels_last_and_non_contiguous(layout, device):
 
 def test_autocast_bfloat16_cpu():
     torch.manual_seed(0)
-    m = CondConv2d(8, 8, 3, padding=1, num_experts=4)
+    m = CondConv2d(8, 8, 3, padding=1, num_kernels=4)
     x = randn(4, 8, 10, 10, seed=19, dtype=torch.float32)
     ref = m(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x)
-        routing = m.routing(x)
+        routing = m.dynamic_tensors(x).routing
         shared = m(x, routing)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
@@ -322,17 +344,17 @@ def test_state_dict_round_trip(tmp_path):
 
 
 def test_factory_kwargs_and_to():
-    m = CondConv2d(4, 4, 3, bias=False, num_experts=2, dtype=torch.float64)
+    m = CondConv2d(4, 4, 3, bias=False, num_kernels=2, dtype=torch.float64)
     assert m.bias is None
     assert all(p.dtype == torch.float64 for p in m.parameters())
     m = m.to(torch.float32)
     assert all(p.dtype == torch.float32 for p in m.parameters())
     assert m(torch.zeros(1, 4, 5, 5)).shape == (1, 4, 3, 3)
-    assert "num_experts=2" in repr(m) and "bias=False" in repr(m)
+    assert "num_kernels=2" in repr(m) and "bias=False" in repr(m)
 
 
 def test_flat_layouts():
-    m = _module(*GEOMETRIES[1], num_experts=3)
+    m = _module(*GEOMETRIES[1], num_kernels=3)
     flat = experts_to_flat(m.weight)
     assert flat.shape == (3, 6 * 2 * 3 * 5)
     torch.testing.assert_close(
@@ -343,7 +365,7 @@ def test_flat_layouts():
     timm_kernels = (r @ flat).view(4, 6, 2, 3, 5)
     torch.testing.assert_close(timm_kernels, mix_experts(r, m.weight)[0], **F64)
 
-    dense = _module(3, 4, (2, 3), 1, 0, 1, 1, None, num_experts=2)
+    dense = _module(3, 4, (2, 3), 1, 0, 1, 1, None, num_kernels=2)
     tf = experts_to_flat(dense.weight, "tf")
     # TensorFlow stores each expert as kernel[kh, kw, c_in, c_out]
     tf5 = tf.reshape(2, 2, 3, 3, 4)
@@ -358,7 +380,7 @@ def test_flops_are_one_convolution_plus_mixing():
 
     n, c_in, c_out, k, e, size = 4, 8, 16, 3, 8, 12
     torch.manual_seed(0)
-    m = CondConv2d(c_in, c_out, k, padding=1, num_experts=e)
+    m = CondConv2d(c_in, c_out, k, padding=1, num_kernels=e)
     x = torch.zeros(n, c_in, size, size)
 
     def count(fn):
@@ -372,7 +394,9 @@ def test_flops_are_one_convolution_plus_mixing():
     routing = 2 * n * c_in * e
     assert count(lambda: m(x)) == conv + mixing + routing
     experts = count(
-        lambda: condconv2d_experts(x, m.routing(x), m.weight, m.bias, padding=1)
+        lambda: condconv2d_reference(
+            x, m.dynamic_tensors(x).routing, m.weight, m.bias, padding=1
+        )
     )
     assert experts == e * conv + routing
 
@@ -401,7 +425,17 @@ CONSTRUCTOR_ERRORS = [
     ({"kernel_size": (3,)}, TypeError, r"expected kernel_size to be an int or a pair"),
     ({"stride": 0}, ValueError, r"expected stride >= 1, got 0"),
     ({"padding": -1}, ValueError, r"expected padding >= 0, got -1"),
-    ({"padding": "same"}, TypeError, r"expected padding to be an int or a pair"),
+    (
+        {"padding": "full"},
+        ValueError,
+        r"CondConv2d expected padding to be an int, a pair of ints, 'same' or "
+        r"'valid', got 'full'",
+    ),
+    (
+        {"padding": "same", "stride": 2},
+        ValueError,
+        r"CondConv2d expected stride 1 with padding='same'",
+    ),
     ({"dilation": (0, 1)}, ValueError, r"expected dilation >= 1"),
     ({"groups": 3}, ValueError, r"expected groups to divide in_channels"),
     (
@@ -409,9 +443,19 @@ CONSTRUCTOR_ERRORS = [
         ValueError,
         r"expected groups to divide out_channels",
     ),
-    ({"num_experts": 0}, ValueError, r"CondConv2d expected num_experts >= 1, got 0"),
-    ({"num_experts": None}, TypeError, r"expected num_experts to be an int"),
-    ({"bias": "yes"}, TypeError, r"CondConv2d expected bias to be a bool, got 'yes'"),
+    ({"num_kernels": 0}, ValueError, r"CondConv2d expected num_kernels >= 1, got 0"),
+    ({"num_kernels": None}, TypeError, r"expected num_kernels to be an int"),
+    (
+        {"bias": "yes"},
+        TypeError,
+        r"CondConv2d expected bias to be a bool, got str 'yes'",
+    ),
+    (
+        {"padding_mode": "mirror"},
+        ValueError,
+        r"CondConv2d expected padding_mode in \('zeros', 'reflect', 'replicate', "
+        r"'circular'\), got 'mirror'",
+    ),
 ]
 
 
@@ -424,14 +468,19 @@ def test_constructor_errors(override, error, match):
 
 
 def test_forward_errors():
-    m = CondConv2d(4, 6, 3, num_experts=3)
+    m = CondConv2d(4, 6, 3, num_kernels=3)
     x = torch.zeros(2, 4, 5, 5)
     with pytest.raises(
         TypeError, match=r"CondConv2d expected input to be a torch\.Tensor"
     ):
         m([1.0])
-    with pytest.raises(ValueError, match=r"expected input with 4 dimensions, got 3"):
-        m(torch.zeros(4, 5, 5))
+    for bad in (torch.zeros(4, 5), torch.zeros(1, 2, 4, 5, 5)):
+        with pytest.raises(
+            ValueError,
+            match=r"CondConv2d expected input of shape \[N, C_in, H, W\] or "
+            rf"\[C_in, H, W\], got {bad.dim()} dimensions",
+        ):
+            m(bad)
     with pytest.raises(
         ValueError, match=r"CondConv2d expected input with 4 channels, got 3"
     ):
@@ -446,14 +495,19 @@ def test_forward_errors():
         m(x.double())
     with pytest.raises(
         ValueError,
-        match=r"expected routing of shape \[N, num_experts\] "
+        match=r"expected routing of shape \[N, num_kernels\] "
         r"= \(2, 3\), got \(2, 4\)",
     ):
         m(x, torch.zeros(2, 4))
     with pytest.raises(ValueError, match=r"= \(2, 3\), got \(3, 3\)"):
         m(x, torch.zeros(3, 3))
+    # a 1-D routing belongs to an unbatched input only
     with pytest.raises(ValueError, match=r"expected routing with 2 dimensions, got 1"):
         m(x, torch.zeros(3))
+    with pytest.raises(
+        ValueError, match=r"routing of shape \[num_kernels\] = \(3,\), got \(4,\)"
+    ):
+        m(x[0], torch.zeros(4))
     with pytest.raises(TypeError, match=r"expected routing to be a torch\.Tensor"):
         m(x, [[0.5, 0.5, 0.5]] * 2)
     with pytest.raises(
@@ -465,7 +519,7 @@ def test_forward_errors():
         match=r"padded input \(3\) to be at least the dilated "
         r"kernel size \(5\)",
     ):
-        CondConv2d(4, 6, 3, dilation=2, num_experts=3)(torch.zeros(1, 4, 3, 3))
+        CondConv2d(4, 6, 3, dilation=2, num_kernels=3)(torch.zeros(1, 4, 3, 3))
 
 
 FUNCTIONAL_ERRORS = [
@@ -478,7 +532,7 @@ FUNCTIONAL_ERRORS = [
     (
         {"routing": torch.zeros(2, 4)},
         ValueError,
-        r"expected routing of shape \[N, num_experts\] = \(2, 3\), got \(2, 4\)",
+        r"expected routing of shape \[N, num_kernels\] = \(2, 3\), got \(2, 4\)",
     ),
     (
         {"weight": torch.zeros(3, 6, 4, 3)},
@@ -488,12 +542,13 @@ FUNCTIONAL_ERRORS = [
     (
         {"weight": torch.zeros(3, 6, 2, 3, 3)},
         ValueError,
-        r"expected input with 2 channels \(weight\.shape\[2\] \* groups\), got 4",
+        r"expected input with 2 channels \(C_in/groups = 2 in the weight, times "
+        r"groups = 1\), got 4",
     ),
     (
         {"bias": torch.zeros(3, 5)},
         ValueError,
-        r"expected bias of shape \[num_experts, C_out\] = \(3, 6\), got \(3, 5\)",
+        r"expected bias of shape \[num_kernels, C_out\] = \(3, 6\), got \(3, 5\)",
     ),
     ({"bias": torch.zeros(6)}, ValueError, r"expected bias with 2 dimensions"),
     (
@@ -515,7 +570,7 @@ FUNCTIONAL_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [condconv2d, condconv2d_experts])
+@pytest.mark.parametrize("fn", [condconv2d, condconv2d_reference])
 @pytest.mark.parametrize("override, error, match", FUNCTIONAL_ERRORS)
 def test_functional_errors(fn, override, error, match):
     args = {

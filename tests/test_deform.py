@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randn, tolerance
 
 import refimpl.deform as deform
-from refimpl.deform import DeformConv2d, deform_conv2d, deform_conv2d_loops
+from refimpl.deform import DeformConv2d, deform_conv2d, deform_conv2d_reference
+
+from conftest import randn, tolerance
 
 tv_ops = pytest.importorskip("torchvision.ops")
 
@@ -20,8 +21,21 @@ def _out_size(size, k, s, p, d):
 
 
 def _problem(
-    n, c_in, c_out, hw, kernel, stride=1, padding=0, dilation=1, groups=1,
-    offset_groups=1, masked=True, scale=2.0, seed=0, device="cpu", dtype=F64,
+    n,
+    c_in,
+    c_out,
+    hw,
+    kernel,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    offset_groups=1,
+    masked=True,
+    scale=2.0,
+    seed=0,
+    device="cpu",
+    dtype=F64,
 ):
     """Random inputs of every argument; offsets spread so that some points fall
     outside the image. Returns (tensors, kwargs)."""
@@ -32,7 +46,7 @@ def _problem(
     x = randn(n, c_in, h, w, seed=seed, **kw_)
     weight = randn(c_out, c_in // groups, kh, kw, seed=seed + 1, **kw_)
     bias = randn(c_out, seed=seed + 2, **kw_)
-    offset = (scale * randn(n, 2 * offset_groups * kh * kw, ho, wo, seed=seed + 3))
+    offset = scale * randn(n, 2 * offset_groups * kh * kw, ho, wo, seed=seed + 3)
     offset = offset.to(device=device, dtype=dtype).requires_grad_()
     mask = None
     if masked:
@@ -56,8 +70,9 @@ def _assert_same(fn_a, fn_b, tensors, kwargs, tol):
     torch.testing.assert_close(out_a, out_b, **tol)
     names = ["input", "offset", "weight", "bias", "mask"]
     for name, ga, gb in zip(names, grads_a, grads_b):
-        torch.testing.assert_close(ga, gb, **tol,
-                                   msg=lambda m, n=name: f"grad {n}: {m}")
+        torch.testing.assert_close(
+            ga, gb, **tol, msg=lambda m, n=name: f"grad {n}: {m}"
+        )
 
 
 # --- agreement with the literal reference and with torchvision ------------------------
@@ -75,7 +90,9 @@ LOOP_CASES = [
 def test_matches_literal_loops(case):
     n, c_in, c_out, hw, k, s, p, d, g, og, masked = case
     tensors, kwargs = _problem(n, c_in, c_out, hw, k, s, p, d, g, og, masked)
-    _assert_same(deform_conv2d, deform_conv2d_loops, tensors, kwargs, tolerance(F64))
+    _assert_same(
+        deform_conv2d, deform_conv2d_reference, tensors, kwargs, tolerance(F64)
+    )
 
 
 TV_CASES = [
@@ -97,8 +114,9 @@ TV_CASES = [
 @pytest.mark.parametrize("case", TV_CASES)
 def test_matches_torchvision(case, device):
     n, c_in, c_out, hw, k, s, p, d, g, og, masked = case
-    tensors, kwargs = _problem(n, c_in, c_out, hw, k, s, p, d, g, og, masked,
-                               scale=3.0, device=device)
+    tensors, kwargs = _problem(
+        n, c_in, c_out, hw, k, s, p, d, g, og, masked, scale=3.0, device=device
+    )
     out = deform_conv2d(*tensors[:4], mask=tensors[4], **kwargs)
     plain = F.conv2d(tensors[0], tensors[2], groups=g, **kwargs)
     assert out.shape == plain.shape == (n, c_out) + plain.shape[2:]
@@ -120,8 +138,25 @@ def test_borders_and_integer_points_match_torchvision():
     kh = kw = 3
     ho = wo = 5  # padding 1
     targets = torch.tensor(
-        [-100.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.25, 1.0, 2.5, 3.0, 4.0, 4.5, 5.0,
-         5.5, 6.0, 100.0], dtype=F64,
+        [
+            -100.0,
+            -2.0,
+            -1.5,
+            -1.0,
+            -0.5,
+            0.0,
+            0.25,
+            1.0,
+            2.5,
+            3.0,
+            4.0,
+            4.5,
+            5.0,
+            5.5,
+            6.0,
+            100.0,
+        ],
+        dtype=F64,
     )
     g = torch.Generator().manual_seed(3)
 
@@ -145,29 +180,39 @@ def test_borders_and_integer_points_match_torchvision():
 
 
 def test_noncontiguous_and_channels_last_input(device):
-    tensors, kwargs = _problem(2, 4, 5, (6, 7), (3, 3), padding=1, offset_groups=2,
-                               device=device)
+    tensors, kwargs = _problem(
+        2, 4, 5, (6, 7), (3, 3), padding=1, offset_groups=2, device=device
+    )
     x, offset, weight, bias, mask = tensors
     expected = tv_ops.deform_conv2d(x, offset, weight, bias, mask=mask, **kwargs)
     strided = torch.cat([x, x], dim=1)[:, ::2]
     assert not strided.is_contiguous()
-    expected_strided = tv_ops.deform_conv2d(strided, offset, weight, bias, mask=mask,
-                                            **kwargs)
+    expected_strided = tv_ops.deform_conv2d(
+        strided, offset, weight, bias, mask=mask, **kwargs
+    )
     torch.testing.assert_close(
         deform_conv2d(strided, offset, weight, bias, mask=mask, **kwargs),
-        expected_strided, **tolerance(F64),
+        expected_strided,
+        **tolerance(F64),
     )
     cl = x.detach().to(memory_format=torch.channels_last)
-    out = deform_conv2d(cl, offset.transpose(2, 3).contiguous().transpose(2, 3),
-                        weight, bias, mask=mask, **kwargs)
+    out = deform_conv2d(
+        cl,
+        offset.transpose(2, 3).contiguous().transpose(2, 3),
+        weight,
+        bias,
+        mask=mask,
+        **kwargs,
+    )
     torch.testing.assert_close(out, expected, **tolerance(F64))
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_chunked_columns_agree(monkeypatch):
     """A tiny column budget forces many chunks; results must not change."""
-    tensors, kwargs = _problem(3, 4, 6, (7, 6), (3, 2), padding=1, groups=2,
-                               offset_groups=2)
+    tensors, kwargs = _problem(
+        3, 4, 6, (7, 6), (3, 2), padding=1, groups=2, offset_groups=2
+    )
     expected = _values_and_grads(tv_ops.deform_conv2d, tensors, kwargs)
     monkeypatch.setattr(deform, "COLUMN_BUDGET", 50)
     out, grads = _values_and_grads(deform_conv2d, tensors, kwargs)
@@ -186,15 +231,26 @@ def test_no_grad_path_equals_grad_path():
 
 @pytest.mark.parametrize("masked", [True, False])
 def test_gradcheck(masked):
-    tensors, kwargs = _problem(1, 2, 2, (3, 4), (2, 2), padding=(1, 0),
-                               dilation=(1, 2), offset_groups=2, masked=masked,
-                               scale=1.3, seed=5)
+    tensors, kwargs = _problem(
+        1,
+        2,
+        2,
+        (3, 4),
+        (2, 2),
+        padding=(1, 0),
+        dilation=(1, 2),
+        offset_groups=2,
+        masked=masked,
+        scale=1.3,
+        seed=5,
+    )
     inputs = [t for t in tensors if t is not None]
 
     def fn(*args):
         x, offset, weight, bias = args[:4]
-        return deform_conv2d(x, offset, weight, bias, mask=args[4] if masked else None,
-                             **kwargs)
+        return deform_conv2d(
+            x, offset, weight, bias, mask=args[4] if masked else None, **kwargs
+        )
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, fast_mode=True)
 
@@ -206,8 +262,9 @@ def test_gradcheck(masked):
     "k, s, p, d, g", [((3, 3), 1, 1, 1, 1), ((2, 3), (2, 1), (0, 2), (2, 1), 2)]
 )
 def test_zero_offsets_is_plain_convolution(k, s, p, d, g, device):
-    tensors, kwargs = _problem(2, 4, 6, (7, 8), k, s, p, d, g, offset_groups=2,
-                               masked=False, device=device)
+    tensors, kwargs = _problem(
+        2, 4, 6, (7, 8), k, s, p, d, g, offset_groups=2, masked=False, device=device
+    )
     x, offset, weight, bias, _ = tensors
     out = deform_conv2d(x, torch.zeros_like(offset), weight, bias, **kwargs)
     expected = F.conv2d(x, weight, bias, groups=g, **kwargs)
@@ -230,7 +287,8 @@ def test_integer_offsets_shift_the_taps():
         top, left = pad - 1 + dy, pad - 1 + dx  # padding 1 of the deformable conv
         torch.testing.assert_close(
             deform_conv2d(x, offset, weight, padding=1),
-            plain[:, :, top : top + 8, left : left + 9], **tolerance(F64),
+            plain[:, :, top : top + 8, left : left + 9],
+            **tolerance(F64),
         )
 
 
@@ -238,8 +296,9 @@ def test_zero_mask_gives_the_bias():
     tensors, kwargs = _problem(2, 4, 5, (6, 6), (3, 3), padding=1, offset_groups=2)
     x, offset, weight, bias, mask = tensors
     out = deform_conv2d(x, offset, weight, bias, mask=torch.zeros_like(mask), **kwargs)
-    torch.testing.assert_close(out, bias.detach().view(1, 5, 1, 1).expand_as(out),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        out, bias.detach().view(1, 5, 1, 1).expand_as(out), rtol=0, atol=0
+    )
 
 
 # --- layout of offsets and mask, pinned against torchvision ---------------------------
@@ -256,8 +315,9 @@ def _moved_taps(fn, channel, kind):
     """
     kh, kw, groups, c_in, h, w = 2, 3, 2, 4, 6, 7
     taps = kh * kw
-    c, r, q = torch.meshgrid(torch.arange(c_in), torch.arange(h), torch.arange(w),
-                             indexing="ij")
+    c, r, q = torch.meshgrid(
+        torch.arange(c_in), torch.arange(h), torch.arange(w), indexing="ij"
+    )
     x = (1000 * c + 100 * r + q + 1).to(F64)[None]
     weight = torch.zeros(c_in * taps, c_in, kh, kw, dtype=F64)
     for ch in range(c_in):
@@ -313,8 +373,17 @@ def test_offset_channel_parity_is_dy_then_dx():
 
 
 def test_autocast_cpu_bfloat16():
-    tensors, kwargs = _problem(2, 8, 8, (9, 9), (3, 3), padding=1, offset_groups=2,
-                               dtype=torch.float32, scale=1.5)
+    tensors, kwargs = _problem(
+        2,
+        8,
+        8,
+        (9, 9),
+        (3, 3),
+        padding=1,
+        offset_groups=2,
+        dtype=torch.float32,
+        scale=1.5,
+    )
     x, offset, weight, bias, mask = tensors
     expected = tv_ops.deform_conv2d(x, offset, weight, bias, mask=mask, **kwargs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -331,13 +400,15 @@ def test_autocast_cpu_bfloat16():
 
 
 def test_float32_matches_torchvision():
-    tensors, kwargs = _problem(2, 8, 8, (9, 9), (3, 3), padding=1, offset_groups=2,
-                               dtype=torch.float32)
+    tensors, kwargs = _problem(
+        2, 8, 8, (9, 9), (3, 3), padding=1, offset_groups=2, dtype=torch.float32
+    )
     x, offset, weight, bias, mask = tensors
     torch.testing.assert_close(
         deform_conv2d(x, offset, weight, bias, mask=mask, **kwargs),
         tv_ops.deform_conv2d(x, offset, weight, bias, mask=mask, **kwargs),
-        rtol=1e-4, atol=1e-4,
+        rtol=1e-4,
+        atol=1e-4,
     )
 
 
@@ -356,11 +427,22 @@ def test_torch_compile_does_not_break_it():
 @pytest.mark.parametrize("modulated", [False, True])
 def test_fresh_module_is_the_plain_convolution(modulated, device):
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(6, 4, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2),
-                           groups=2, dtype=F64)
+    conv = torch.nn.Conv2d(
+        6, 4, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2), groups=2, dtype=F64
+    )
     torch.manual_seed(0)
-    layer = DeformConv2d(6, 4, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2),
-                         groups=2, offset_groups=3, modulated=modulated, dtype=F64)
+    layer = DeformConv2d(
+        6,
+        4,
+        (3, 2),
+        stride=(2, 1),
+        padding=1,
+        dilation=(1, 2),
+        groups=2,
+        offset_groups=3,
+        modulated=modulated,
+        dtype=F64,
+    )
     # same initialisation, drawn in the same order
     assert torch.equal(layer.weight, conv.weight) and torch.equal(layer.bias, conv.bias)
     conv, layer = conv.to(device), layer.to(device)
@@ -379,21 +461,25 @@ def test_mask_scale_one_halves_a_fresh_layer():
 
 
 def test_module_uses_its_predicted_offsets_and_mask():
-    layer = DeformConv2d(4, 6, 3, stride=2, padding=1, offset_groups=2, modulated=True,
-                         dtype=F64)
+    layer = DeformConv2d(
+        4, 6, 3, stride=2, padding=1, offset_groups=2, modulated=True, dtype=F64
+    )
     with torch.no_grad():
         gen = torch.Generator().manual_seed(0)
         layer.conv_offset.weight.normal_(0, 0.2, generator=gen)
         layer.conv_offset.bias.normal_(0, 0.5, generator=gen)
     x = randn(2, 4, 9, 9, seed=2)
-    offset, mask = layer.offsets_and_mask(x)
+    sampling = layer.dynamic_tensors(x)
+    assert sampling._fields == ("offset", "mask")
+    offset, mask = sampling
     assert offset.shape == (2, 2 * 2 * 9, 5, 5) and mask.shape == (2, 2 * 9, 5, 5)
     logits = layer.conv_offset(x)[:, 36:]
     torch.testing.assert_close(mask, 2 * torch.sigmoid(logits))
-    expected = tv_ops.deform_conv2d(x, offset, layer.weight, layer.bias, stride=2,
-                                    padding=1, mask=mask)
+    expected = tv_ops.deform_conv2d(
+        x, offset, layer.weight, layer.bias, stride=2, padding=1, mask=mask
+    )
     torch.testing.assert_close(layer(x), expected, **tolerance(F64))
-    assert DeformConv2d(4, 6, 3).offsets_and_mask(x.float())[1] is None
+    assert DeformConv2d(4, 6, 3).dynamic_tensors(x.float()).mask is None
 
 
 def test_module_state_dict_and_dtype():
@@ -404,10 +490,18 @@ def test_module_state_dict_and_dtype():
     b.load_state_dict(a.state_dict())
     x = randn(1, 4, 5, 5, seed=0, dtype=torch.float32)
     torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
-    assert set(a.state_dict()) == {"weight", "bias", "conv_offset.weight",
-                                   "conv_offset.bias"}
+    assert set(a.state_dict()) == {
+        "weight",
+        "bias",
+        "conv_offset.weight",
+        "conv_offset.bias",
+    }
     assert a.double()(x.double()).dtype == F64
-    assert "offset_groups=1, modulated=True" in repr(a)
+    # nn.Conv2d's rule: options at their default are left out
+    assert "modulated=True" in repr(a) and "offset_groups" not in repr(a)
+    assert "mask_scale" not in repr(a)
+    text = repr(DeformConv2d(4, 4, 3, offset_groups=2, modulated=True, mask_scale=1.0))
+    assert "offset_groups=2, modulated=True, mask_scale=1.0" in text
 
 
 def test_module_backward_reaches_every_parameter():
@@ -431,28 +525,52 @@ def _good():
 @pytest.mark.parametrize(
     "change, match",
     [
-        (lambda a: a.update(offset=torch.randn(2, 17, 6, 6)),
-         r"offset with 2 \* offset_groups \* kh \* kw channels, a positive multiple "
-         r"of 18, got 17"),
-        (lambda a: a.update(offset=torch.randn(2, 54, 6, 6)),
-         r"3 offset groups to divide C_in = 4"),
-        (lambda a: a.update(offset=torch.randn(2, 18, 5, 6)),
-         r"offset of shape \[2, 18, 6, 6\] .* got \[2, 18, 5, 6\]"),
-        (lambda a: a.update(offset=torch.randn(3, 18, 6, 6)),
-         r"offset of shape \[2, 18, 6, 6\] .* got \[3, 18, 6, 6\]"),
-        (lambda a: a.update(mask=torch.rand(2, 18, 6, 6)),
-         r"mask of shape \[2, 9, 6, 6\] .* got \[2, 18, 6, 6\]"),
-        (lambda a: a.update(mask=torch.rand(2, 9, 6)),
-         r"mask with 4 dimensions, got 3"),
-        (lambda a: a.update(weight=torch.randn(4, 3, 3, 3)),
-         r"second size divides C_in = 4, got \(4, 3, 3, 3\)"),
-        (lambda a: a.update(weight=torch.randn(3, 2, 3, 3)),
-         r"2 weight groups .* to divide C_out = 3"),
-        (lambda a: a.update(bias=torch.randn(5)),
-         r"bias of shape \[4\] \(C_out\), got \[5\]"),
-        (lambda a: a.update(x=torch.randn(2, 4, 1, 1), offset=torch.randn(2, 50, 1, 1),
-                            weight=torch.randn(4, 4, 5, 5), mask=None),
-         r"output of at least 1x1, got -1x-1"),
+        (
+            lambda a: a.update(offset=torch.randn(2, 17, 6, 6)),
+            r"offset with 2 \* offset_groups \* kh \* kw channels, a positive multiple "
+            r"of 18, got 17",
+        ),
+        (
+            lambda a: a.update(offset=torch.randn(2, 54, 6, 6)),
+            r"3 offset groups to divide C_in = 4",
+        ),
+        (
+            lambda a: a.update(offset=torch.randn(2, 18, 5, 6)),
+            r"offset of shape \[2, 18, 6, 6\] .* got \[2, 18, 5, 6\]",
+        ),
+        (
+            lambda a: a.update(offset=torch.randn(3, 18, 6, 6)),
+            r"offset of shape \[2, 18, 6, 6\] .* got \[3, 18, 6, 6\]",
+        ),
+        (
+            lambda a: a.update(mask=torch.rand(2, 18, 6, 6)),
+            r"mask of shape \[2, 9, 6, 6\] .* got \[2, 18, 6, 6\]",
+        ),
+        (
+            lambda a: a.update(mask=torch.rand(2, 9, 6)),
+            r"mask with 4 dimensions, got 3",
+        ),
+        (
+            lambda a: a.update(weight=torch.randn(4, 3, 3, 3)),
+            r"second size divides C_in = 4, got \(4, 3, 3, 3\)",
+        ),
+        (
+            lambda a: a.update(weight=torch.randn(3, 2, 3, 3)),
+            r"2 weight groups .* to divide C_out = 3",
+        ),
+        (
+            lambda a: a.update(bias=torch.randn(5)),
+            r"bias of shape \[4\] \(C_out\), got \[5\]",
+        ),
+        (
+            lambda a: a.update(
+                x=torch.randn(2, 4, 1, 1),
+                offset=torch.randn(2, 50, 1, 1),
+                weight=torch.randn(4, 4, 5, 5),
+                mask=None,
+            ),
+            r"output of at least 1x1, got -1x-1",
+        ),
     ],
 )
 def test_bad_shapes_raise_value_error(change, match):
@@ -460,11 +578,23 @@ def test_bad_shapes_raise_value_error(change, match):
     args = {"x": x, "offset": offset, "weight": weight, "mask": mask, "bias": None}
     change(args)
     with pytest.raises(ValueError, match=match):
-        deform_conv2d(args["x"], args["offset"], args["weight"], args["bias"],
-                      padding=1, mask=args["mask"])
+        deform_conv2d(
+            args["x"],
+            args["offset"],
+            args["weight"],
+            args["bias"],
+            padding=1,
+            mask=args["mask"],
+        )
     with pytest.raises(ValueError, match=match):
-        deform_conv2d_loops(args["x"], args["offset"], args["weight"], args["bias"],
-                            padding=1, mask=args["mask"])
+        deform_conv2d_reference(
+            args["x"],
+            args["offset"],
+            args["weight"],
+            args["bias"],
+            padding=1,
+            mask=args["mask"],
+        )
 
 
 def test_bad_types_raise_type_error():
@@ -480,10 +610,73 @@ def test_bad_types_raise_type_error():
 def test_module_errors():
     with pytest.raises(ValueError, match="expected groups to divide in_channels"):
         DeformConv2d(6, 4, 3, groups=4)
-    with pytest.raises(ValueError, match="DeformConv2d expected offset_groups to "
-                       "divide in_channels, got in_channels=6, offset_groups=4"):
+    with pytest.raises(
+        ValueError,
+        match="DeformConv2d expected offset_groups to "
+        "divide in_channels, got in_channels=6, offset_groups=4",
+    ):
         DeformConv2d(6, 6, 3, offset_groups=4)
+    with pytest.raises(ValueError, match="DeformConv2d expected mask_scale > 0"):
+        DeformConv2d(4, 4, 3, modulated=True, mask_scale=0.0)
+    with pytest.raises(TypeError, match="DeformConv2d expected modulated to be a bool"):
+        DeformConv2d(4, 4, 3, modulated=1)
     layer = DeformConv2d(4, 4, 3)
-    with pytest.raises(ValueError, match="DeformConv2d expected input with 4 channels, "
-                       "got 3"):
+    with pytest.raises(
+        ValueError, match="DeformConv2d expected input with 4 channels, got 3"
+    ):
         layer(torch.randn(1, 3, 5, 5))
+    for bad in (torch.randn(4, 5), torch.randn(1, 1, 4, 5, 5)):
+        with pytest.raises(
+            ValueError,
+            match=r"DeformConv2d expected input of shape \[N, C_in, H, W\] or "
+            rf"\[C_in, H, W\], got {bad.dim()} dimensions",
+        ):
+            layer(bad)
+    # the functional form takes batches only
+    x, offset, weight, mask = _good()
+    with pytest.raises(ValueError, match="deform_conv2d expected input with 4 dim"):
+        deform_conv2d(x[0], offset, weight, padding=1, mask=mask)
+
+
+def test_module_unbatched_input_is_a_batch_of_one():
+    layer = DeformConv2d(
+        4, 6, 3, stride=2, padding=1, offset_groups=2, modulated=True, dtype=F64
+    )
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        layer.conv_offset.weight.normal_(0, 0.2, generator=gen)
+    x = randn(4, 9, 8, seed=3)
+    out = layer(x)
+    assert out.shape == (6, 5, 4)
+    torch.testing.assert_close(out, layer(x[None])[0], **tolerance(F64))
+    for got, want in zip(layer.dynamic_tensors(x), layer.dynamic_tensors(x[None])):
+        torch.testing.assert_close(got, want, **tolerance(F64))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("modulated", [False, True])
+def test_fresh_module_with_padding_strings_is_plain_conv(padding, modulated):
+    # "same" pads kernel (2, 3) with dilation (2, 1) symmetrically, kernel (3, 2)
+    # asymmetrically (one more column on the right), both as nn.Conv2d
+    for kernel, dilation in (((2, 3), (2, 1)), ((3, 2), 1)):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(
+            4, 6, kernel, padding=padding, dilation=dilation, groups=2, dtype=F64
+        )
+        torch.manual_seed(0)
+        layer = DeformConv2d(
+            4,
+            6,
+            kernel,
+            padding=padding,
+            dilation=dilation,
+            groups=2,
+            modulated=modulated,
+            dtype=F64,
+        )
+        assert layer.padding == conv.padding
+        x = randn(2, 4, 7, 6, seed=4)
+        out = layer(x)
+        assert out.shape == conv(x).shape
+        torch.testing.assert_close(out, conv(x), **tolerance(F64))

@@ -7,18 +7,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randn, tolerance
 from torch import nn
 
+import refimpl
+from refimpl._conv import hidden_width
 from refimpl.dynamic_conv import (
     DynamicConv2d,
-    attention_hidden_width,
     dynamic_conv2d,
     dynamic_conv2d_reference,
     kernel_attention,
     set_temperature,
     temperature_schedule,
 )
+
+from conftest import randn, tolerance
 
 # (in, out, kernel, stride, padding, dilation, groups, input H x W)
 CONFIGS = [
@@ -75,7 +77,7 @@ def test_output_shape_matches_conv2d(cfg, device):
 def test_vectorised_equals_literal_reference_float64(cfg, bias, device):
     m = _randomise_attention(_module(cfg, bias=bias, device=device))
     x = _input(cfg, device=device)
-    attention = m.attention(x)
+    attention = m.dynamic_tensors(x).attention
     # the attention really varies across samples, or the test would prove little
     assert (attention.max(0).values - attention.min(0).values).max() > 0.05
     expected = dynamic_conv2d_reference(
@@ -123,7 +125,8 @@ def test_one_kernel_is_a_plain_convolution(cfg, device):
     m = _randomise_attention(_module(cfg, num_kernels=1, device=device))
     x = _input(cfg, device=device)
     assert torch.equal(
-        m.attention(x), torch.ones(x.shape[0], 1, dtype=x.dtype, device=device)
+        m.dynamic_tensors(x).attention,
+        torch.ones(x.shape[0], 1, dtype=x.dtype, device=device),
     )
     plain = nn.Conv2d(c_in, c_out, k, s, p, d, g, dtype=torch.float64).to(device)
     with torch.no_grad():
@@ -141,7 +144,8 @@ def test_uniform_attention_gives_the_mean_kernel(cfg):
     x = _input(cfg)
     k = m.num_kernels
     torch.testing.assert_close(
-        m.attention(x), torch.full((x.shape[0], k), 1 / k, dtype=x.dtype)
+        m.dynamic_tensors(x).attention,
+        torch.full((x.shape[0], k), 1 / k, dtype=x.dtype),
     )
     mean_w = sum(m.weight[i] for i in range(k)) / k
     mean_b = sum(m.bias[i] for i in range(k)) / k
@@ -160,7 +164,9 @@ def test_attention_is_softmax_of_logits_over_temperature():
         m.temperature = tau
         z = _logits(m, x) / tau
         expected = torch.exp(z) / torch.exp(z).sum(dim=1, keepdim=True)
-        torch.testing.assert_close(m.attention(x), expected, **tolerance(torch.float64))
+        torch.testing.assert_close(
+            m.dynamic_tensors(x).attention, expected, **tolerance(torch.float64)
+        )
 
 
 def test_attention_on_the_simplex_and_limits_of_temperature():
@@ -171,7 +177,7 @@ def test_attention_on_the_simplex_and_limits_of_temperature():
     entropies = []
     for tau in (1e-4, 0.3, 1.0, 3.0, 30.0, 1e6):
         m.temperature = tau
-        pi = m.attention(x)
+        pi = m.dynamic_tensors(x).attention
         assert (pi >= 0).all()
         torch.testing.assert_close(pi.sum(dim=1), torch.ones(6, dtype=pi.dtype))
         entropies.append(-(pi * pi.clamp_min(1e-300).log()).sum(dim=1))
@@ -180,10 +186,12 @@ def test_attention_on_the_simplex_and_limits_of_temperature():
         assert (higher >= lower - 1e-12).all()
     # tau -> infinity: uniform; tau -> 0: one-hot at the largest logit
     m.temperature = 1e6
-    assert (m.attention(x) - 1 / k).abs().max() < 1e-5
+    assert (m.dynamic_tensors(x).attention - 1 / k).abs().max() < 1e-5
     m.temperature = 1e-4
     one_hot = F.one_hot(_logits(m, x).argmax(dim=1), k).to(x.dtype)
-    torch.testing.assert_close(m.attention(x), one_hot, atol=1e-8, rtol=0)
+    torch.testing.assert_close(
+        m.dynamic_tensors(x).attention, one_hot, atol=1e-8, rtol=0
+    )
     torch.testing.assert_close(
         entropies[-1], torch.full((6,), math.log(k), dtype=x.dtype)
     )
@@ -194,7 +202,7 @@ def test_default_attention_is_near_uniform_at_initialisation():
     m = DynamicConv2d(16, 16, 3, padding=1)
     assert m.temperature == 30.0
     assert torch.equal(m.fc2.bias, torch.zeros(4))
-    pi = m.attention(torch.randn(8, 16, 6, 6))
+    pi = m.dynamic_tensors(torch.randn(8, 16, 6, 6)).attention
     assert (pi - 0.25).abs().max() < 0.01
 
 
@@ -211,19 +219,19 @@ def test_temperature_setter_accepts_positive_reals(value):
         (
             "3",
             TypeError,
-            "DynamicConv2d expected temperature to be a positive float, got str",
+            "DynamicConv2d expected temperature to be a real number, got str '3'",
         ),
-        (True, TypeError, "expected temperature to be a positive float, got bool"),
-        (torch.tensor(2.0), TypeError, "positive float, got Tensor"),
-        (None, TypeError, "positive float, got NoneType"),
+        (True, TypeError, "expected temperature to be a real number, got bool True"),
+        (torch.tensor(2.0), TypeError, "a real number, got Tensor"),
+        (None, TypeError, "a real number, got NoneType None"),
         (
             0.0,
             ValueError,
-            r"DynamicConv2d expected temperature > 0 and finite, got 0.0",
+            r"DynamicConv2d expected temperature > 0, got 0.0",
         ),
-        (-1, ValueError, r"expected temperature > 0 and finite, got -1.0"),
-        (math.nan, ValueError, r"expected temperature > 0 and finite, got nan"),
-        (math.inf, ValueError, r"expected temperature > 0 and finite, got inf"),
+        (-1, ValueError, r"expected temperature > 0, got -1"),
+        (math.nan, ValueError, r"expected temperature to be finite, got nan"),
+        (math.inf, ValueError, r"expected temperature to be finite, got inf"),
     ],
 )
 def test_temperature_setter_rejects(value, error, message):
@@ -279,30 +287,30 @@ def test_schedule_per_iteration_matches_odconv_formula():
         (
             {"epoch": -0.5},
             ValueError,
-            r"temperature_schedule expected epoch >= 0 and finite, got -0.5",
+            r"temperature_schedule expected epoch >= 0, got -0.5",
         ),
-        ({"epoch": math.nan}, ValueError, "expected epoch >= 0 and finite, got nan"),
+        ({"epoch": math.nan}, ValueError, "expected epoch to be finite, got nan"),
         (
             {"epoch": "1"},
             TypeError,
-            "expected epoch to be a non-negative float, got str",
+            "expected epoch to be a real number, got str",
         ),
         (
             {"epoch": 1, "start": 0},
             ValueError,
-            r"expected start > 0 and finite, got 0.0",
+            r"expected start > 0, got 0",
         ),
         (
             {"epoch": 1, "end": -1.0},
             ValueError,
-            r"expected end > 0 and finite, got -1.0",
+            r"expected end > 0, got -1.0",
         ),
-        ({"epoch": 1, "end": None}, TypeError, "expected end to be a positive float"),
+        ({"epoch": 1, "end": None}, TypeError, "expected end to be a real number"),
         ({"epoch": 1, "anneal_epochs": -1}, ValueError, r"expected anneal_epochs >= 0"),
         (
             {"epoch": 1, "anneal_epochs": math.inf},
             ValueError,
-            "anneal_epochs >= 0 and finite, got inf",
+            "expected anneal_epochs to be finite, got inf",
         ),
     ],
 )
@@ -311,8 +319,8 @@ def test_schedule_errors(kwargs, error, message):
         temperature_schedule(**kwargs)
 
 
-def test_set_temperature_reaches_every_module():
-    class Holder(nn.Module):  # any module with a temperature attribute
+def test_set_temperature_reaches_every_refimpl_layer_only():
+    class Holder(nn.Module):  # a foreign module with a temperature attribute
         temperature = 5.0
 
     model = nn.Sequential(
@@ -320,43 +328,70 @@ def test_set_temperature_reaches_every_module():
         nn.ReLU(),
         nn.Sequential(DynamicConv2d(4, 4, 1), Holder()),
     )
-    assert set_temperature(model, 2.5) == 3
+    assert set_temperature(model, 2.5) == 2
     assert [m.temperature for m in model.modules() if hasattr(m, "temperature")] == [
         2.5,
         2.5,
-        2.5,
+        5.0,
     ]
+    assert isinstance(model[0].temperature, float)
+    # one function, exported from the package and from this module
+    assert refimpl.set_temperature is set_temperature
+    assert set_temperature(model[0], 4) == 1 and model[0].temperature == 4.0
 
 
 def test_set_temperature_errors():
-    with pytest.raises(
-        ValueError,
-        match="set_temperature expected model to contain a "
-        "module with a temperature attribute, found none in Sequential",
-    ):
-        set_temperature(nn.Sequential(nn.Conv2d(1, 1, 1)), 1.0)
+    # a model without a refimpl temperature layer is no error: nothing is set
+    plain = nn.Sequential(nn.Conv2d(1, 1, 1))
+    assert set_temperature(plain, 1.0) == 0
+    assert not hasattr(plain[0], "temperature")
     with pytest.raises(
         TypeError,
         match="set_temperature expected model to be a torch.nn.Module, got list",
     ):
         set_temperature([DynamicConv2d(1, 1, 1)], 1.0)
-    with pytest.raises(ValueError, match=r"set_temperature expected value > 0"):
-        set_temperature(DynamicConv2d(1, 1, 1), 0)
+    layer = DynamicConv2d(1, 1, 1)
+    with pytest.raises(ValueError, match=r"set_temperature expected value > 0, got 0"):
+        set_temperature(layer, 0)
+    with pytest.raises(
+        TypeError, match=r"set_temperature expected value to be a real number"
+    ):
+        set_temperature(layer, "1")
+    assert layer.temperature == 30.0  # unchanged by the failed calls
 
 
 # --- parameters ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "c_in, reduction, hidden",
-    [(3, 4, 4), (16, 4, 4), (20, 4, 5), (64, 4, 16), (64, 16, 4)],
+    "c_in, reduction, min_hidden, hidden",
+    [
+        (3, 0.25, 4, 4),
+        (16, 0.25, 4, 4),
+        (20, 0.25, 4, 5),
+        (64, 0.25, 4, 16),
+        (64, 0.0625, 4, 4),
+        (3, 0.25, 1, 1),
+        (10, 0.5, 2, 5),
+        (64, 1.0, 4, 64),
+    ],
 )
-def test_hidden_width(c_in, reduction, hidden):
-    assert attention_hidden_width(c_in, reduction) == hidden
-    m = DynamicConv2d(c_in, 8, 3, reduction=reduction)
+def test_hidden_width(c_in, reduction, min_hidden, hidden):
+    # hidden = max(floor(c_in * reduction), min_hidden)
+    assert hidden_width(c_in, reduction, min_hidden, owner="DynamicConv2d") == hidden
+    m = DynamicConv2d(c_in, 8, 3, reduction=reduction, min_hidden=min_hidden)
+    assert m.hidden == hidden
     assert m.fc1.weight.shape == (hidden, c_in)
     assert m.fc1.bias is None
     assert m.fc2.weight.shape == (4, hidden) and m.fc2.bias.shape == (4,)
+
+
+@pytest.mark.parametrize("c_in", [3, 20, 48, 100, 1000])
+def test_hidden_width_of_ratio_h_over_c_in_is_h(c_in):
+    # the port's width int(C_in / 4) + 1, reached with reduction = h / C_in
+    h = int(c_in / 4) + 1
+    assert hidden_width(c_in, h / c_in, 1, owner="DynamicConv2d") == h
+    assert DynamicConv2d(c_in, 4, 1, reduction=h / c_in, min_hidden=1).hidden == h
 
 
 def test_parameter_count_and_layout():
@@ -388,6 +423,45 @@ def test_repr_mentions_the_options():
 
 
 # --- batches and layouts ------------------------------------------------------------
+
+
+def test_unbatched_input_is_a_batch_of_one():
+    cfg = CONFIGS[1]
+    m = _randomise_attention(_module(cfg))
+    x = _input(cfg, n=1)
+    out = m(x[0])
+    assert out.shape == m(x).shape[1:]
+    torch.testing.assert_close(out, m(x)[0], **tolerance(torch.float64))
+    (attention,) = m.dynamic_tensors(x[0])
+    torch.testing.assert_close(
+        attention, m.dynamic_tensors(x).attention, **tolerance(torch.float64)
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_padding_strings_as_conv2d(padding):
+    # kernel (2, 5) with dilation (1, 2): "same" pads asymmetrically in height
+    m = DynamicConv2d(
+        4,
+        6,
+        (2, 5),
+        padding=padding,
+        dilation=(1, 2),
+        groups=2,
+        num_kernels=1,
+        dtype=torch.float64,
+    )
+    plain = nn.Conv2d(
+        4, 6, (2, 5), padding=padding, dilation=(1, 2), groups=2, dtype=torch.float64
+    )
+    assert m.padding == plain.padding
+    with torch.no_grad():
+        plain.weight.copy_(m.weight[0])
+        plain.bias.copy_(m.bias[0])
+    x = randn(2, 4, 9, 11, seed=3)
+    assert m(x).shape == plain(x).shape
+    torch.testing.assert_close(m(x), plain(x), **tolerance(torch.float64))
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -451,7 +525,7 @@ def test_autocast_bfloat16_cpu():
 def test_gradcheck():
     # small shapes: the numerical Jacobian needs two forwards per input entry
     cfg = (2, 4, (2, 3), 2, (1, 0), (1, 2), 2, (4, 6))
-    m = _randomise_attention(_module(cfg, num_kernels=3, reduction=1))
+    m = _randomise_attention(_module(cfg, num_kernels=3, reduction=1.0))
     x = _input(cfg, n=2).requires_grad_()
     params = [
         t.detach().clone().requires_grad_()
@@ -493,6 +567,14 @@ def test_state_dict_round_trip_keeps_temperature():
         r"\{'temperature': float\}, got \{\}",
     ):
         b.set_extra_state({})
+    # a state dict without the temperature (an older or official checkpoint) loads
+    # strictly and keeps the layer's current temperature
+    c = _module(cfg, seed=3)
+    c.temperature = 7.0
+    c.load_state_dict({k: v for k, v in state.items() if k != "_extra_state"})
+    assert c.temperature == 7.0
+    c.temperature = 2.5
+    torch.testing.assert_close(c(x), a(x), **tolerance(torch.float64))
 
 
 def test_module_moves_with_to():
@@ -546,8 +628,29 @@ def test_torch_compile_eager_backend():
         ((6, 4, 3), {"groups": 4}, ValueError, "expected groups to divide in_channels"),
         ((4, 4, 3), {"bias": 1}, TypeError, "DynamicConv2d expected bias to be a bool"),
         ((4, 4, 3), {"num_kernels": 0}, ValueError, "expected num_kernels >= 1, got 0"),
-        ((4, 4, 3), {"reduction": 0}, ValueError, "expected reduction >= 1, got 0"),
-        ((4, 4, 3), {"reduction": 0.25}, TypeError, "expected reduction to be an int"),
+        ((4, 4, 3), {"reduction": 0}, ValueError, "expected reduction > 0, got 0"),
+        ((4, 4, 3), {"reduction": -0.25}, ValueError, "expected reduction > 0"),
+        (
+            (4, 4, 3),
+            {"reduction": "1/4"},
+            TypeError,
+            "DynamicConv2d expected reduction to be a real number, got str",
+        ),
+        (
+            (4, 4, 3),
+            {"reduction": math.inf},
+            ValueError,
+            "expected reduction to be finite",
+        ),
+        ((4, 4, 3), {"min_hidden": 0}, ValueError, "expected min_hidden >= 1, got 0"),
+        ((4, 4, 3), {"min_hidden": 2.5}, TypeError, "expected min_hidden to be an int"),
+        (
+            (4, 4, 3),
+            {"padding": "full"},
+            ValueError,
+            "DynamicConv2d expected padding to be an int, a pair of ints, 'same' or "
+            "'valid', got 'full'",
+        ),
     ],
 )
 def test_constructor_errors(args, kwargs, error, message):
@@ -563,7 +666,18 @@ def test_constructor_errors(args, kwargs, error, message):
             TypeError,
             "DynamicConv2d expected input to be a torch.Tensor, got list",
         ),
-        (torch.zeros(4, 5, 5), ValueError, "expected input with 4 dimensions, got 3"),
+        (
+            torch.zeros(4, 5),
+            ValueError,
+            r"DynamicConv2d expected input of shape \[N, C_in, H, W\] or "
+            r"\[C_in, H, W\], got 2 dimensions",
+        ),
+        (
+            torch.zeros(1, 1, 4, 5, 5),
+            ValueError,
+            r"\[C_in, H, W\], got 5 dimensions",
+        ),
+        (torch.zeros(3, 5, 5), ValueError, r"expected input with 4 channels, got 3"),
         (
             torch.zeros(1, 3, 5, 5),
             ValueError,
@@ -577,8 +691,8 @@ def test_constructor_errors(args, kwargs, error, message):
         (
             torch.zeros(1, 4, 5, 5, dtype=torch.float64),
             TypeError,
-            r"expected weight with the dtype of the input \(torch.float64\), got "
-            "torch.float32",
+            r"DynamicConv2d expected input of dtype torch.float32 \(the dtype of its "
+            r"parameters\), got torch.float64",
         ),
         (
             torch.zeros(1, 4, 2, 5),
@@ -594,7 +708,7 @@ def test_forward_errors(x, error, message):
     with pytest.raises(error, match=message):
         m(x)
     with pytest.raises(error, match=message):
-        m.attention(x)
+        m.dynamic_tensors(x)
 
 
 def test_functional_errors():
@@ -607,24 +721,23 @@ def test_functional_errors():
         with pytest.raises(
             ValueError,
             match=rf"{name} expected attention of shape "
-            r"\(2, 3\) \(\[N, K\]\), got \(2, 4\)",
+            r"\[N, num_kernels\] = \(2, 3\), got \(2, 4\)",
         ):
             fn(x, torch.zeros(2, 4), w, b)
         with pytest.raises(ValueError, match="expected attention with 2 dimensions"):
             fn(x, torch.zeros(2), w, b)
         with pytest.raises(
             ValueError,
-            match=r"expected bias of shape \(3, 6\) "
-            r"\(\[K, C_out\]\), got \(3, 5\)",
+            match=r"expected bias of shape \[num_kernels, C_out\] = \(3, 6\), "
+            r"got \(3, 5\)",
         ):
             fn(x, pi, w, torch.zeros(3, 5))
         with pytest.raises(ValueError, match="expected bias with 2 dimensions, got 1"):
             fn(x, pi, w, torch.zeros(6))
         with pytest.raises(
             ValueError,
-            match=r"expected weight of shape \[K, C_out, "
-            r"C_in/groups, kH, kW\] with C_in/groups = 4, got "
-            r"\(3, 6, 2, 3, 3\)",
+            match=r"expected input with 2 channels \(C_in/groups = 2 in the "
+            r"weight, times groups = 1\), got 4",
         ):
             fn(x, pi, torch.zeros(3, 6, 2, 3, 3), b)
         with pytest.raises(ValueError, match="expected weight with 5 dimensions"):
@@ -642,11 +755,15 @@ def test_functional_errors():
 
 
 def test_hidden_width_errors():
+    with pytest.raises(ValueError, match="DynamicConv2d expected reduction > 0, got 0"):
+        hidden_width(8, 0, 4, owner="DynamicConv2d")
     with pytest.raises(
-        ValueError, match="attention_hidden_width expected reduction >= 1, got 0"
+        TypeError, match="DynamicConv2d expected reduction to be a real number"
     ):
-        attention_hidden_width(8, 0)
-    with pytest.raises(
-        TypeError, match="attention_hidden_width expected in_channels to be an int"
-    ):
-        attention_hidden_width(8.0, 4)
+        hidden_width(8, "1/4", 4, owner="DynamicConv2d")
+    with pytest.raises(ValueError, match="DynamicConv2d expected reduction to be fin"):
+        hidden_width(8, math.nan, 4, owner="DynamicConv2d")
+    with pytest.raises(ValueError, match="DynamicConv2d expected min_hidden >= 1, got"):
+        hidden_width(8, 0.25, 0, owner="DynamicConv2d")
+    with pytest.raises(TypeError, match="DynamicConv2d expected min_hidden to be an"):
+        hidden_width(8, 0.25, 4.0, owner="DynamicConv2d")

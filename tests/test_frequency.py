@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from conftest import randn
 
 from refimpl.frequency import (
     band_mask,
@@ -16,6 +15,8 @@ from refimpl.frequency import (
     gaussian_kernel,
     radial_frequency,
 )
+
+from conftest import randn
 
 
 def _explicit_dft_magnitude(kernel: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -110,8 +111,9 @@ def test_low_precision_kernels(dtype):
 
 def test_frequency_grid_layouts(device):
     fy, fx = frequency_grid((4, 6), device=device, dtype=torch.float64)
-    torch.testing.assert_close(fy[:, 0].cpu(), torch.tensor([0, 0.25, -0.5, -0.25],
-                                                           dtype=torch.float64))
+    torch.testing.assert_close(
+        fy[:, 0].cpu(), torch.tensor([0, 0.25, -0.5, -0.25], dtype=torch.float64)
+    )
     torch.testing.assert_close(fx[0].cpu(), torch.fft.fftfreq(6, dtype=torch.float64))
     cy, cx = frequency_grid((4, 6), centered=True, dtype=torch.float64)
     assert cy[2, 3] == 0 and cx[2, 3] == 0
@@ -134,10 +136,12 @@ def test_radial_frequency():
 @pytest.mark.parametrize("square", [False, True])
 def test_band_masks_partition_the_spectrum(square, device):
     edges = [0.0, 0.1, 0.25, math.inf]
-    masks = torch.stack([
-        band_mask((12, 10), lo, hi, square=square, device=device)
-        for lo, hi in zip(edges[:-1], edges[1:])
-    ])
+    masks = torch.stack(
+        [
+            band_mask((12, 10), lo, hi, square=square, device=device)
+            for lo, hi in zip(edges[:-1], edges[1:])
+        ]
+    )
     assert masks.dtype == torch.bool and masks.device.type == device.type
     assert (masks.sum(0) == 1).all()
     assert masks[0, 0, 0]  # DC is in the lowest band
@@ -158,32 +162,65 @@ def test_band_mask_low_pass_of_a_constant_and_rfft_layout():
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda: frequency_response([[1.0]]), TypeError,
-         r"^frequency_response expected kernel to be a torch.Tensor, got list"),
-        (lambda: frequency_response(torch.ones(3, 3, dtype=torch.int64)), TypeError,
-         r"^frequency_response expected kernel with a floating-point dtype, got "
-         r"torch.int64"),
-        (lambda: frequency_response(torch.ones(3)), ValueError,
-         r"^frequency_response expected kernel with at least 2 dimensions \[..., kH, "
-         r"kW\], got 1"),
-        (lambda: frequency_response(torch.ones(5, 3), (4, 8)), ValueError,
-         r"^frequency_response expected size >= the kernel size \(5, 3\), got "
-         r"\(4, 8\)"),
-        (lambda: frequency_response(torch.ones(3, 3), 0), ValueError,
-         r"^frequency_response expected size >= 1, got 0"),
-        (lambda: frequency_response(torch.ones(3, 3), 8.0), TypeError,
-         r"^frequency_response expected size to be an int or a pair"),
-        (lambda: band_mask(8, 0.3, 0.2), ValueError,
-         r"^band_mask expected 0 <= low < high, got low=0.3, high=0.2"),
+        (
+            lambda: frequency_response([[1.0]]),
+            TypeError,
+            r"^frequency_response expected kernel to be a torch.Tensor, got list",
+        ),
+        (
+            lambda: frequency_response(torch.ones(3, 3, dtype=torch.int64)),
+            TypeError,
+            r"^frequency_response expected kernel with a floating-point dtype, got "
+            r"torch.int64",
+        ),
+        (
+            lambda: frequency_response(torch.ones(3)),
+            ValueError,
+            r"^frequency_response expected kernel with at least 2 dimensions "
+            r"\[..., kH, kW\], got 1",
+        ),
+        (
+            lambda: frequency_response(torch.ones(5, 3), (4, 8)),
+            ValueError,
+            r"^frequency_response expected size >= the kernel size \(5, 3\), got "
+            r"\(4, 8\)",
+        ),
+        (
+            lambda: frequency_response(torch.ones(3, 3), 0),
+            ValueError,
+            r"^frequency_response expected size >= 1, got 0",
+        ),
+        (
+            lambda: frequency_response(torch.ones(3, 3), 8.0),
+            TypeError,
+            r"^frequency_response expected size to be an int or a pair",
+        ),
+        (
+            lambda: band_mask(8, 0.3, 0.2),
+            ValueError,
+            r"^band_mask expected 0 <= low < high, got low=0.3, high=0.2",
+        ),
         (lambda: band_mask(8, -0.1, 0.2), ValueError, r"^band_mask expected 0 <= low"),
-        (lambda: band_mask(8, "0", 0.2), TypeError,
-         r"^band_mask expected low to be a number, got '0'"),
-        (lambda: radial_frequency(0), ValueError,
-         r"^frequency_grid expected size >= 1, got 0"),
-        (lambda: gaussian_kernel(5, 0.0), ValueError,
-         r"^gaussian_kernel expected sigma > 0, got 0.0"),
-        (lambda: gaussian_kernel(0, 1.0), ValueError,
-         r"^gaussian_kernel expected size >= 1, got 0"),
+        (
+            lambda: band_mask(8, "0", 0.2),
+            TypeError,
+            r"^band_mask expected low to be a number, got '0'",
+        ),
+        (
+            lambda: radial_frequency(0),
+            ValueError,
+            r"^frequency_grid expected size >= 1, got 0",
+        ),
+        (
+            lambda: gaussian_kernel(5, 0.0),
+            ValueError,
+            r"^gaussian_kernel expected sigma > 0, got 0.0",
+        ),
+        (
+            lambda: gaussian_kernel(0, 1.0),
+            ValueError,
+            r"^gaussian_kernel expected size >= 1, got 0",
+        ),
     ],
 )
 def test_errors(call, error, match):

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from conftest import randn
 from torch import nn
 
 from refimpl.models import (
@@ -17,6 +16,8 @@ from refimpl.models import (
     paper_resnet50,
 )
 from refimpl.odconv import ODConv2d
+
+from conftest import randn
 
 
 class Wrapped(nn.Module):
@@ -56,29 +57,34 @@ def test_identity_like_factory_keeps_outputs_and_names():
 
 def test_predicate_selects_layers_by_name():
     model = small_model()
+    x = randn(2, 3, 5, 5, dtype=torch.float32)
+    before = model(x)
     seen = []
 
     def predicate(name, conv):
         seen.append(name)
         return conv.kernel_size == (3, 3) and name != "0"
 
-    convert_conv2d(model, lambda c: ODConv2d.from_conv2d(c, kernel_num=2), predicate)
+    convert_conv2d(model, lambda c: ODConv2d.from_conv2d(c, num_kernels=2), predicate)
     assert seen == ["0", "2.0", "3"]
     assert type(model[0]) is nn.Conv2d and type(model[3]) is nn.Conv2d
     assert isinstance(model[2][0], ODConv2d)
     assert model[2][0].weight.shape == (2, 8, 8, 3, 3)
     assert "2.0.attention.fc.weight" in model.state_dict()
-    assert model(randn(2, 3, 5, 5, dtype=torch.float32)).shape == (2, 4, 5, 5)
+    # from_conv2d copies the weights: the network computes the same function
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
 
 
 def test_replacement_follows_mode_and_shared_layers_stay_shared():
     conv = nn.Conv2d(4, 4, 3, padding=1)
     model = nn.Sequential(conv, nn.ReLU(), conv).eval()
+    x = randn(1, 4, 5, 5, dtype=torch.float32)
+    before = model(x)
     convert_conv2d(model, ODConv2d.from_conv2d)
     assert model[0] is model[2] and isinstance(model[0], ODConv2d)
     assert not model[0].training
     # eval mode: a batch of one is fine despite the attention BatchNorm
-    assert model(randn(1, 4, 5, 5, dtype=torch.float32)).shape == (1, 4, 5, 5)
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
 
 
 def test_converted_modules_are_not_searched_again():
@@ -109,6 +115,35 @@ def test_convert_errors():
         count_parameters([1, 2])
 
 
+def test_convert_refuses_what_it_cannot_reproduce():
+    class SamePadConv(nn.Conv2d):  # e.g. timm's Conv2dSame: its own forward
+        def forward(self, x):
+            return super().forward(nn.functional.pad(x, (0, 1, 0, 1)))
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), SamePadConv(4, 4, 2))
+    with pytest.raises(
+        ValueError,
+        match="convert_conv2d expected nn.Conv2d's own "
+        "forward for layer '1', got SamePadConv",
+    ):
+        convert_conv2d(model, Wrapped)
+    convert_conv2d(model, Wrapped, lambda name, conv: name != "1")  # excluded: fine
+    assert isinstance(model[0], Wrapped) and type(model[1]) is SamePadConv
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3))
+    with pytest.raises(
+        ValueError,
+        match="convert_conv2d expected an initialised "
+        "convolution for layer '0', got an uninitialised LazyConv2d",
+    ):
+        convert_conv2d(lazy, Wrapped)
+    with pytest.raises(
+        ValueError,
+        match=r"expected the replacement of layer '0' to "
+        r"keep stride=\(1, 1\), got \(2, 2\)",
+    ):
+        convert_conv2d(small_model(), lambda c: ODConv2d(3, 8, 3, stride=2))
+
+
 def official_layer_params(c_in, c_out, k, n):
     """Parameters of one official ODConv2d (no bias, BatchNorm, r = 1/16, min 16)."""
     h = max(math.floor(c_in * 0.0625), 16)
@@ -120,8 +155,12 @@ def official_layer_params(c_in, c_out, k, n):
 
 
 # (input channels of the stage, bottleneck width, output channels, blocks)
-STAGES = [(64, 64, 256, 3), (256, 128, 512, 4), (512, 256, 1024, 6),
-          (1024, 512, 2048, 3)]
+STAGES = [
+    (64, 64, 256, 3),
+    (256, 128, 512, 4),
+    (512, 256, 1024, 6),
+    (1024, 512, 2048, 3),
+]
 
 
 def expected_resnet50(n):
@@ -136,15 +175,16 @@ def expected_resnet50(n):
 
 
 @pytest.mark.parametrize(
-    "kernel_num, label", [(1, "+ ODConv (1x)"), (4, "+ ODConv (4x)")]
+    "num_kernels, label", [(1, "+ ODConv (1x)"), (4, "+ ODConv (4x)")]
 )
-def test_paper_resnet50_reproduces_published_counts(kernel_num, label):
-    model = paper_resnet50(kernel_num)
+def test_paper_resnet50_reproduces_published_counts(num_kernels, label):
+    model = paper_resnet50(num_kernels)
     count = count_parameters(model)
-    assert count == expected_resnet50(kernel_num)
+    assert count == expected_resnet50(num_kernels)
     assert round(count / 1e6, 2) == PUBLISHED_RESNET50_PARAMS[label]
-    assert {28.64, 90.67} == {PUBLISHED_RESNET50_PARAMS[k] for k in
-                              ("+ ODConv (1x)", "+ ODConv (4x)")}
+    assert {28.64, 90.67} == {
+        PUBLISHED_RESNET50_PARAMS[k] for k in ("+ ODConv (1x)", "+ ODConv (4x)")
+    }
     odconv = [name for name, m in model.named_modules() if isinstance(m, ODConv2d)]
     assert len(odconv) == 48
     assert type(model.conv1) is nn.Conv2d
@@ -165,5 +205,16 @@ def test_paper_resnet50_runs_and_validates():
     assert is_bottleneck_conv("layer4.2.conv3", None)
     assert not is_bottleneck_conv("layer1.0.downsample.0", None)
     assert not is_bottleneck_conv("conv1", None)
-    with pytest.raises(ValueError, match="paper_resnet50 expected kernel_num >= 1"):
+    with pytest.raises(ValueError, match="paper_resnet50 expected num_kernels >= 1"):
         paper_resnet50(0)
+    with pytest.raises(ValueError, match="ODConv2d expected min_hidden >= 1"):
+        paper_resnet50(1, min_hidden=0)
+
+
+def test_paper_resnet50_options_reach_every_layer():
+    model = paper_resnet50(num_kernels=2, min_hidden=32, reduction=0.125)
+    first, last = model.layer1[0].conv1, model.layer4[2].conv3
+    assert (first.num_kernels, first.min_hidden, first.reduction) == (2, 32, 0.125)
+    assert first.attention.hidden == 32  # max(floor(64 / 8), 32)
+    assert last.attention.hidden == 64  # max(floor(512 / 8), 32)
+    assert last.weight.shape == (2, 2048, 512, 1, 1)

@@ -138,7 +138,8 @@ def test_no_timing_metadata(path):
     """No execution timestamps, so re-running an unchanged chapter changes nothing."""
     nb = _load(path)
     timed = [
-        i for i, cell in enumerate(nb["cells"])
+        i
+        for i, cell in enumerate(nb["cells"])
         if {"execution", "ExecuteTime"} & set(cell.get("metadata", {}))
     ]
     assert not timed, f"{path.name}: cells {timed} store timing metadata"
@@ -149,7 +150,8 @@ def test_code_fits_the_page(path):
     """Code lines are at most 88 columns, so the page shows them without scrolling."""
     long_lines = [
         f"cell {i}, line {n}: {len(line)} columns"
-        for i, cell in enumerate(_load(path)["cells"]) if cell["cell_type"] == "code"
+        for i, cell in enumerate(_load(path)["cells"])
+        if cell["cell_type"] == "code"
         for n, line in enumerate(_source(cell).splitlines(), start=1)
         if len(line) > MAX_COLUMNS
     ]
@@ -200,7 +202,8 @@ def test_listed_in_toc(path):
 def test_toc_entries_exist():
     """Every page listed in ``_toc.yml`` exists."""
     missing = [
-        f for f in _toc_files()
+        f
+        for f in _toc_files()
         if not any((ROOT / f).with_suffix(s).is_file() for s in (".md", ".ipynb"))
     ]
     assert not missing, f"_toc.yml lists files that do not exist: {missing}"

@@ -8,21 +8,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randn, tolerance
 from torch import nn
 
+import refimpl
 from refimpl.odconv import (
     ODAttentions,
     ODConv2d,
     choose_order,
     odconv2d,
-    odconv2d_loop,
+    odconv2d_reference,
     order_costs,
 )
 
+from conftest import randn, tolerance
+
 F64 = torch.float64
 
-# (in, out, kernel_size, stride, padding, dilation, groups, kernel_num)
+# (in, out, kernel_size, stride, padding, dilation, groups, num_kernels)
 GEOMETRIES = [
     (6, 4, 3, 1, 1, 1, 1, 4),
     (6, 4, 3, 2, 0, 1, 2, 2),
@@ -37,7 +39,7 @@ GEOMETRIES = [
 def make(geometry, *, device="cpu", seed=0, **kwargs):
     c_in, c_out, k, s, p, d, g, n = geometry
     torch.manual_seed(seed)
-    layer = ODConv2d(c_in, c_out, k, s, p, d, g, kernel_num=n, **kwargs)
+    layer = ODConv2d(c_in, c_out, k, s, p, d, g, num_kernels=n, **kwargs)
     return layer.to(device=device, dtype=F64)
 
 
@@ -46,14 +48,21 @@ def random_attentions(layer, n, seed=1, device="cpu"):
     a = layer.attention
     kh, kw = layer.kernel_size
     return ODAttentions(
-        torch.rand(n, layer.in_channels, generator=torch.Generator().manual_seed(seed),
-                   dtype=F64).to(device),
-        None if a.filter_fc is None else randn(n, layer.out_channels, seed=seed + 1,
-                                               device=device).sigmoid(),
-        None if a.spatial_fc is None else randn(n, kh, kw, seed=seed + 2,
-                                                device=device).sigmoid(),
-        None if a.kernel_fc is None else randn(n, layer.kernel_num, seed=seed + 3,
-                                               device=device).softmax(1),
+        torch.rand(
+            n,
+            layer.in_channels,
+            generator=torch.Generator().manual_seed(seed),
+            dtype=F64,
+        ).to(device),
+        None
+        if a.filter_fc is None
+        else randn(n, layer.out_channels, seed=seed + 1, device=device).sigmoid(),
+        None
+        if a.spatial_fc is None
+        else randn(n, kh, kw, seed=seed + 2, device=device).sigmoid(),
+        None
+        if a.kernel_fc is None
+        else randn(n, layer.num_kernels, seed=seed + 3, device=device).softmax(1),
     )
 
 
@@ -72,8 +81,8 @@ def test_module_matches_loop_reference(geometry, bias, device):
         with torch.no_grad():
             layer.bias.copy_(randn(layer.out_channels, seed=5, device=device))
     x = randn(3, geometry[0], 9, 8, seed=2, device=device)
-    att = layer.attentions(x)
-    expected = odconv2d_loop(x, layer.weight, *att, layer.bias, *conv_args(layer))
+    att = layer.dynamic_tensors(x)
+    expected = odconv2d_reference(x, *att, layer.weight, layer.bias, *conv_args(layer))
     torch.testing.assert_close(layer(x), expected, **tolerance(F64))
 
 
@@ -83,8 +92,8 @@ def test_both_orders_match_reference(geometry, order, device):
     layer = make(geometry, device=device)
     x = randn(3, geometry[0], 7, 9, seed=3, device=device)
     att = random_attentions(layer, 3, device=device)
-    expected = odconv2d_loop(x, layer.weight, *att, None, *conv_args(layer))
-    out = odconv2d(x, layer.weight, *att, None, *conv_args(layer), order=order)
+    expected = odconv2d_reference(x, *att, layer.weight, None, *conv_args(layer))
+    out = odconv2d(x, *att, layer.weight, None, *conv_args(layer), order=order)
     torch.testing.assert_close(out, expected, **tolerance(F64))
 
 
@@ -103,11 +112,13 @@ def test_loop_reference_against_paper_sum():
     layer = make(GEOMETRIES[1])
     c, f, s, k = random_attentions(layer, 2)
     # sample 1, filter 3 (group 1), channel 2 of its group = input channel 5, tap (2,1)
-    w = sum(k[1, i] * f[1, 3] * c[1, 5] * s[1, 2, 1] * layer.weight[i, 3, 2, 2, 1]
-            for i in range(layer.kernel_num))
+    w = sum(
+        k[1, i] * f[1, 3] * c[1, 5] * s[1, 2, 1] * layer.weight[i, 3, 2, 2, 1]
+        for i in range(layer.num_kernels)
+    )
     probe = torch.zeros(2, 6, 7, 7, dtype=F64)
     probe[1, 5, 2, 1] = 1.0  # the input pixel that tap (2, 1) of output (0, 0) reads
-    out = odconv2d_loop(probe, layer.weight, c, f, s, k, None, *conv_args(layer))
+    out = odconv2d_reference(probe, c, f, s, k, layer.weight, None, *conv_args(layer))
     torch.testing.assert_close(out[1, 3, 0, 0], w, **tolerance(F64))
 
 
@@ -127,7 +138,7 @@ def test_unit_attentions_one_kernel_is_plain_convolution(device):
     expected = F.conv2d(x, weight[0], bias, 2, (1, 0), 1, 2)
     for order in ("kernel", "feature"):
         for att in (ones, ODAttentions(None, None, None, None)):
-            out = odconv2d(x, weight, *att, bias, 2, (1, 0), 1, 2, order=order)
+            out = odconv2d(x, *att, weight, bias, 2, (1, 0), 1, 2, order=order)
             torch.testing.assert_close(out, expected, **tolerance(F64))
 
 
@@ -153,7 +164,7 @@ def test_one_hot_kernel_attention_selects_a_kernel():
     weight = randn(3, 4, 4, 3, 3, seed=12)
     x = randn(2, 4, 6, 6, seed=13)
     one_hot = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=F64)
-    out = odconv2d(x, weight, kernel_attention=one_hot, padding=1)
+    out = odconv2d(x, None, None, None, one_hot, weight, padding=1)
     torch.testing.assert_close(out[0:1], F.conv2d(x[0:1], weight[1], padding=1))
     torch.testing.assert_close(out[1:2], F.conv2d(x[1:2], weight[2], padding=1))
 
@@ -192,27 +203,30 @@ def test_attention_branch_formulas(norm, training):
     layer.train(training)
     x = randn(5, 6, 7, 7, seed=14)
     expected = independent_attentions(layer, x, batch_stats=training)
-    for got, want in zip(layer.attentions(x), expected):
-        torch.testing.assert_close(got, want, **tolerance(F64))
-    assert torch.allclose(layer.attentions(x).kernel.sum(1), torch.ones(5, dtype=F64))
+    got = layer.dynamic_tensors(x)
+    assert isinstance(got, ODAttentions)
+    for field, want in zip(ODAttentions._fields, expected):
+        torch.testing.assert_close(getattr(got, field), want, **tolerance(F64))
+    assert torch.allclose(got.kernel.sum(1), torch.ones(5, dtype=F64))
 
 
 @pytest.mark.parametrize(
     "geometry, heads",
     [
-        ((8, 8, 3, 1, 1, 1, 8, 4), (True, False, True, True)),   # depthwise
-        ((8, 16, 3, 1, 1, 1, 8, 4), (True, True, True, True)),   # multiplier 2
-        ((8, 8, 1, 1, 0, 1, 1, 4), (True, True, False, True)),   # pointwise
-        ((8, 8, 3, 1, 1, 1, 1, 1), (True, True, True, False)),   # one kernel
+        ((8, 8, 3, 1, 1, 1, 8, 4), (True, False, True, True)),  # depthwise
+        ((8, 16, 3, 1, 1, 1, 8, 4), (True, True, True, True)),  # multiplier 2
+        ((8, 8, 1, 1, 0, 1, 1, 4), (True, True, False, True)),  # pointwise
+        ((8, 8, 3, 1, 1, 1, 1, 1), (True, True, True, False)),  # one kernel
     ],
 )
 def test_heads_omitted_as_in_official_code(geometry, heads):
     layer = make(geometry)
     a = layer.attention
-    present = tuple(m is not None for m in (a.channel_fc, a.filter_fc, a.spatial_fc,
-                                            a.kernel_fc))
+    present = tuple(
+        m is not None for m in (a.channel_fc, a.filter_fc, a.spatial_fc, a.kernel_fc)
+    )
     assert present == heads
-    att = layer.attentions(randn(2, geometry[0], 5, 5))
+    att = layer.dynamic_tensors(randn(2, geometry[0], 5, 5))
     assert tuple(t is not None for t in att) == heads
 
 
@@ -232,19 +246,24 @@ def closed_form_params(c_in, c_out, k, g, n, bias, norm="batch"):
 
 @pytest.mark.parametrize(
     "c_in, c_out, k, g, n, bias, norm",
-    [(64, 64, 3, 1, 1, False, "batch"), (512, 2048, 1, 1, 4, False, "batch"),
-     (32, 32, 3, 32, 4, True, "batch"), (300, 20, 3, 2, 2, True, None)],
+    [
+        (64, 64, 3, 1, 1, False, "batch"),
+        (512, 2048, 1, 1, 4, False, "batch"),
+        (32, 32, 3, 32, 4, True, "batch"),
+        (300, 20, 3, 2, 2, True, None),
+    ],
 )
 def test_parameter_count_closed_form(c_in, c_out, k, g, n, bias, norm):
-    layer = ODConv2d(c_in, c_out, k, groups=g, bias=bias, kernel_num=n,
-                     attention_norm=norm)
+    layer = ODConv2d(
+        c_in, c_out, k, groups=g, bias=bias, num_kernels=n, attention_norm=norm
+    )
     got = sum(p.numel() for p in layer.parameters())
     assert got == closed_form_params(c_in, c_out, k, g, n, bias, norm)
 
 
 def test_official_initialisation():
     torch.manual_seed(0)
-    layer = ODConv2d(64, 128, 3, kernel_num=4, bias=False)
+    layer = ODConv2d(64, 128, 3, num_kernels=4, bias=False)
     fan_out = 128 * 9
     for i in range(4):
         std = layer.weight[i].std().item()
@@ -256,22 +275,24 @@ def test_official_initialisation():
     for head in (a.channel_fc, a.filter_fc, a.spatial_fc, a.kernel_fc):
         assert torch.equal(head.bias, torch.zeros_like(head.bias))
     assert ODConv2d(512, 8, 1).attention.hidden == 32  # int(512 / 16)
-    assert ODConv2d(8, 8, 3, attention_norm="none").attention.fc.bias is not None
+    free = ODConv2d(8, 8, 3, attention_norm=None).attention
+    assert free.fc.bias is not None and free.bn is None
 
 
 def test_temperature_divides_every_logit():
     layer = make(GEOMETRIES[0]).eval()
     x = randn(3, 6, 6, 6, seed=15)
-    at1 = layer.attentions(x)
+    at1 = layer.dynamic_tensors(x)
     layer.temperature = 4.0
-    at4 = layer.attentions(x)
+    at4 = layer.dynamic_tensors(x)
     for p1, p4 in zip(at1[:3], at4[:3]):  # sigmoid heads: logit(p) scales by 1/T
         torch.testing.assert_close(torch.logit(p4), torch.logit(p1) / 4)
     log1, log4 = at1.kernel.log(), at4.kernel.log()
-    torch.testing.assert_close(log4 - log4.mean(1, keepdim=True),
-                               (log1 - log1.mean(1, keepdim=True)) / 4)
-    layer.update_temperature(30.0)  # the official name
-    assert layer.temperature == 30.0
+    torch.testing.assert_close(
+        log4 - log4.mean(1, keepdim=True), (log1 - log1.mean(1, keepdim=True)) / 4
+    )
+    layer.temperature = 30  # any real > 0, stored as a float
+    assert layer.temperature == 30.0 and isinstance(layer.temperature, float)
 
 
 def test_temperature_schedule_from_chapter_3_drives_the_layer():
@@ -280,12 +301,30 @@ def test_temperature_schedule_from_chapter_3_drives_the_layer():
     second = make((4, 4, 3, 1, 1, 1, 1, 2))
     model = nn.Sequential(make(GEOMETRIES[0]), nn.ReLU(), second)
     assert set_temperature(model, temperature_schedule(0.0)) == 2
+    assert refimpl.set_temperature is set_temperature
     assert model[0].temperature == 30.0 and model[2].temperature == 30.0
     set_temperature(model, temperature_schedule(5.0))
     assert model[0].temperature == pytest.approx(15.5)
 
 
 # --- BatchNorm in the attention, batch sizes ---------------------------------------
+
+
+@pytest.mark.parametrize("norm", ["batch", None])
+def test_unbatched_input_is_a_batch_of_one(norm):
+    layer = make(GEOMETRIES[0], attention_norm=norm).eval()
+    x = randn(6, 7, 8, seed=29)
+    out = layer(x)
+    assert out.shape == (4, 7, 8)
+    torch.testing.assert_close(out, layer(x[None])[0], **tolerance(F64))
+    for got, want in zip(layer.dynamic_tensors(x), layer.dynamic_tensors(x[None])):
+        torch.testing.assert_close(got, want, **tolerance(F64))
+    layer.train()
+    if norm == "batch":  # one sample cannot be batch-normalised
+        with pytest.raises(ValueError, match=r"batch of 1 .*attention_norm=None"):
+            layer(x)
+    else:
+        torch.testing.assert_close(layer(x), out, **tolerance(F64))
 
 
 def test_batch_of_one_in_training_with_batchnorm_raises_clear_error():
@@ -373,8 +412,9 @@ def test_float32_on_device_matches_float64(device):
     layer64 = make(GEOMETRIES[0], device=device).eval()
     layer32 = copy.deepcopy(layer64).float()
     x = randn(2, 6, 8, 8, seed=21, device=device)
-    torch.testing.assert_close(layer32(x.float()).double(), layer64(x), rtol=1e-4,
-                               atol=1e-4)
+    torch.testing.assert_close(
+        layer32(x.float()).double(), layer64(x), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("order", ["kernel", "feature"])
@@ -382,12 +422,13 @@ def test_gradcheck_functional(order):
     layer = make((4, 4, 3, 2, 1, 1, 2, 2))
     x = randn(2, 4, 5, 5, seed=22, requires_grad=True)
     w = layer.weight.detach().clone().requires_grad_(True)
-    c, f, s, k = (t.detach().clone().requires_grad_(True)
-                  for t in random_attentions(layer, 2))
+    c, f, s, k = (
+        t.detach().clone().requires_grad_(True) for t in random_attentions(layer, 2)
+    )
     bias = randn(4, seed=23, requires_grad=True)
 
     def fn(x, w, c, f, s, k, bias):
-        return odconv2d(x, w, c, f, s, k, bias, 2, 1, 1, 2, order=order)
+        return odconv2d(x, c, f, s, k, w, bias, 2, 1, 1, 2, order=order)
 
     assert torch.autograd.gradcheck(fn, (x, w, c, f, s, k, bias), fast_mode=True)
 
@@ -427,8 +468,12 @@ def test_choose_order_rule():
     # late layer: small maps, many channels -> scale the feature maps
     assert choose_order((32, 512, 7, 7), (4, 512, 512, 3, 3), (7, 7)) == "feature"
     # 1x1 with one kernel: sample-independent kernel, one batched convolution
-    assert choose_order((32, 64, 56, 56), (1, 64, 64, 1, 1), (56, 56),
-                        spatial=False, kernel=False) == "feature"
+    assert (
+        choose_order(
+            (32, 64, 56, 56), (1, 64, 64, 1, 1), (56, 56), spatial=False, kernel=False
+        )
+        == "feature"
+    )
     costs = order_costs((2, 8, 10, 10), (1, 4, 8, 3, 3), (8, 8))
     assert costs == {"kernel": 2 * 4 * 8 * 9 * 2, "feature": 2 * 8 * 100 + 2 * 4 * 64}
 
@@ -437,23 +482,64 @@ def test_module_resolves_order_from_shapes():
     layer = ODConv2d(64, 64, 3, padding=1)
     assert layer.resolve_order((32, 64, 56, 56)) == "kernel"
     assert layer.resolve_order((32, 64, 4, 4)) == "feature"
-    assert ODConv2d(64, 64, 1, kernel_num=1).resolve_order((2, 64, 56, 56)) == "feature"
+    pointwise = ODConv2d(64, 64, 1, num_kernels=1)
+    assert pointwise.resolve_order((2, 64, 56, 56)) == "feature"
     fixed = ODConv2d(64, 64, 3, order="feature")
     assert fixed.resolve_order((32, 64, 56, 56)) == "feature"
 
 
 def test_from_conv2d_copies_geometry_and_mode():
-    conv = nn.Conv2d(8, 16, (3, 1), stride=2, padding=(1, 0), dilation=1, groups=2,
-                     bias=False).eval()
-    layer = ODConv2d.from_conv2d(conv, kernel_num=2)
+    conv = nn.Conv2d(
+        8, 16, (3, 1), stride=2, padding=(1, 0), dilation=1, groups=2, bias=False
+    ).eval()
+    layer = ODConv2d.from_conv2d(conv, num_kernels=2)
     assert (layer.kernel_size, layer.stride, layer.padding, layer.groups) == (
-        (3, 1), (2, 2), (1, 0), 2)
+        (3, 1),
+        (2, 2),
+        (1, 0),
+        2,
+    )
     assert layer.bias is None and not layer.training
     assert layer.weight.shape == (2, 16, 4, 3, 1)
-    with pytest.raises(ValueError, match="numeric zero padding"):
-        ODConv2d.from_conv2d(nn.Conv2d(4, 4, 3, padding="same"))
-    with pytest.raises(TypeError, match="expected an nn.Conv2d"):
+    with pytest.raises(
+        TypeError, match="ODConv2d.from_conv2d expected an nn.Conv2d, got Linear"
+    ):
         ODConv2d.from_conv2d(nn.Linear(3, 3))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("bias", [False, True])
+def test_from_conv2d_preserves_the_function(bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(
+        8, 16, (3, 1), stride=2, padding=(1, 0), groups=2, bias=bias, dtype=F64
+    )
+    layer = ODConv2d.from_conv2d(conv, num_kernels=3)
+    assert layer.training  # conv's mode, here training: BatchNorm on batch stats
+    x = randn(4, 8, 9, 7, seed=27)
+    torch.testing.assert_close(layer(x), conv(x), **tolerance(F64))
+    torch.testing.assert_close(layer.eval()(x), conv(x), **tolerance(F64))
+    # the kernels stay different from one another (they would not learn apart)
+    assert not torch.allclose(layer.weight[0], layer.weight[1])
+    # padding strings are copied and padded as nn.Conv2d pads them
+    same = nn.Conv2d(4, 6, (2, 3), padding="same", dilation=(1, 2), dtype=F64)
+    converted = ODConv2d.from_conv2d(same, attention_norm=None)
+    assert converted.padding == "same"
+    x = randn(2, 4, 7, 8, seed=28)
+    torch.testing.assert_close(converted(x), same(x), **tolerance(F64))
+
+
+def test_from_conv2d_without_preserve_keeps_the_fresh_initialisation():
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    torch.manual_seed(5)
+    fresh = ODConv2d.from_conv2d(conv, preserve=False, num_kernels=2)
+    torch.manual_seed(5)
+    built = ODConv2d(8, 16, 3, padding=1, bias=False, num_kernels=2)
+    for (name, a), b in zip(fresh.state_dict().items(), built.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert not torch.allclose(fresh.weight[0], conv.weight)
+    with pytest.raises(TypeError, match="from_conv2d expected preserve to be a bool"):
+        ODConv2d.from_conv2d(conv, preserve="no")
 
 
 # --- errors ------------------------------------------------------------------------
@@ -462,15 +548,22 @@ def test_from_conv2d_copies_geometry_and_mode():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"kernel_num": 0}, ValueError, "kernel_num >= 1, got 0"),
-        ({"kernel_num": 2.0}, TypeError, "kernel_num to be an int"),
-        ({"reduction": 0.0}, ValueError, "reduction > 0"),
-        ({"reduction": "1/16"}, TypeError, "reduction to be a float"),
-        ({"min_channel": 0}, ValueError, "min_channel >= 1"),
+        ({"num_kernels": 0}, ValueError, "ODConv2d expected num_kernels >= 1, got 0"),
+        ({"num_kernels": 2.0}, TypeError, "num_kernels to be an int"),
+        ({"reduction": 0.0}, ValueError, "ODConv2d expected reduction > 0"),
+        ({"reduction": "1/16"}, TypeError, "reduction to be a real number"),
+        ({"min_hidden": 0}, ValueError, "ODConv2d expected min_hidden >= 1"),
         ({"attention_norm": "layer"}, ValueError, "attention_norm 'batch' or None"),
+        (
+            {"attention_norm": "none"},
+            ValueError,
+            "ODConv2d expected attention_norm 'batch' or None, got 'none'",
+        ),
         ({"order": "input"}, ValueError, "order in"),
-        ({"temperature": 0.0}, ValueError, "temperature > 0"),
-        ({"temperature": "hot"}, TypeError, "temperature to be a float"),
+        ({"temperature": 0.0}, ValueError, "ODConv2d expected temperature > 0"),
+        ({"temperature": "hot"}, TypeError, "temperature to be a real number"),
+        ({"padding": "full"}, ValueError, "'same' or 'valid', got 'full'"),
+        ({"padding_mode": "mirror"}, ValueError, "padding_mode in"),
         ({"groups": 3}, ValueError, "groups to divide in_channels"),
         ({"bias": None}, TypeError, "bias to be a bool"),
         ({"kernel_size": 0}, ValueError, "kernel_size >= 1"),
@@ -486,30 +579,70 @@ def test_forward_and_setter_errors():
     layer = ODConv2d(8, 8, 3)
     with pytest.raises(ValueError, match="expected input with 8 channels, got 4"):
         layer(torch.randn(2, 4, 5, 5))
-    with pytest.raises(ValueError, match="with 4 dimensions"):
-        layer(torch.randn(2, 8, 5))
+    for bad in (torch.randn(8, 5), torch.randn(1, 2, 8, 5, 5)):
+        with pytest.raises(
+            ValueError,
+            match=r"ODConv2d expected input of shape \[N, C_in, H, W\] or "
+            rf"\[C_in, H, W\], got {bad.dim()} dimensions",
+        ):
+            layer(bad)
+    with pytest.raises(ValueError, match="expected input with 8 channels, got 2"):
+        layer(torch.randn(2, 8, 5))  # unbatched: 2 channels
     with pytest.raises(TypeError, match="floating-point"):
         layer(torch.ones(2, 8, 5, 5, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"padded input \(2\) to be at least"):
         layer(torch.randn(2, 8, 2, 5))
-    with pytest.raises(ValueError, match="temperature > 0 and finite, got inf"):
+    with pytest.raises(ValueError, match="temperature to be finite, got inf"):
         layer.temperature = math.inf
-    with pytest.raises(TypeError, match="temperature to be a float"):
+    with pytest.raises(ValueError, match="ODConv2d expected temperature > 0, got -1"):
+        layer.temperature = -1
+    with pytest.raises(TypeError, match="temperature to be a real number, got bool"):
         layer.temperature = True
+    assert layer.temperature == 1.0
 
 
-def test_functional_errors():
+@pytest.mark.parametrize("fn", [odconv2d, odconv2d_reference])
+def test_functional_errors(fn):
     x, w = randn(2, 4, 5, 5), randn(3, 6, 4, 3, 3)
-    with pytest.raises(ValueError, match=r"kernel_attention of shape \(2, 3\)"):
-        odconv2d(x, w)
+    name = fn.__name__
+    with pytest.raises(TypeError):  # the four attentions are required arguments
+        fn(x, w)
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name} expected kernel_attention of shape \(2, 3\) to mix 3 "
+        r"kernels, got None",
+    ):
+        fn(x, None, None, None, None, w)
     k = randn(2, 3).softmax(1)
-    with pytest.raises(ValueError, match=r"channel_attention of shape \(2, 4\), got"):
-        odconv2d(x, w, randn(2, 6), kernel_attention=k)
-    with pytest.raises(ValueError, match=r"spatial_attention of shape \(2, 3, 3\)"):
-        odconv2d(x, w, spatial_attention=randn(2, 9), kernel_attention=k)
-    with pytest.raises(ValueError, match=r"bias of shape \(6,\)"):
-        odconv2d(x, w, kernel_attention=k, bias=randn(4))
-    with pytest.raises(ValueError, match="order in"):
-        odconv2d(x, w, kernel_attention=k, order="fast")
-    with pytest.raises(ValueError, match=r"C_in/groups = 2"):
-        odconv2d(x, w, kernel_attention=k, groups=2)
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name} expected channel_attention of shape \[N, C_in\] = \(2, 4\), "
+        r"got \(2, 6\)",
+    ):
+        fn(x, randn(2, 6), None, None, k, w)
+    with pytest.raises(
+        ValueError, match=r"filter_attention of shape \[N, C_out\] = \(2, 6\)"
+    ):
+        fn(x, None, randn(2, 4), None, k, w)
+    with pytest.raises(ValueError, match=r"spatial_attention with 3 dimensions, got 2"):
+        fn(x, None, None, randn(2, 9), k, w)
+    with pytest.raises(
+        ValueError,
+        match=r"kernel_attention of shape \[N, num_kernels\] = \(2, 3\), got",
+    ):
+        fn(x, None, None, None, randn(2, 4), w)
+    with pytest.raises(ValueError, match=r"bias of shape \[C_out\] = \(6,\)"):
+        fn(x, None, None, None, k, w, randn(4))
+    with pytest.raises(
+        ValueError,
+        match=r"expected input with 8 channels \(C_in/groups = 4 in the weight, times "
+        r"groups = 2\), got 4",
+    ):
+        fn(x, None, None, None, k, w, groups=2)
+    with pytest.raises(
+        ValueError, match=rf"^{name} expected input with 4 dimensions, got 3"
+    ):
+        fn(x[0], None, None, None, k, w)  # the functional forms take batches only
+    if fn is odconv2d:
+        with pytest.raises(ValueError, match="order in"):
+            fn(x, None, None, None, k, w, order="fast")

@@ -1,13 +1,22 @@
-"""Tests of the shared per-sample convolution (batch folded into groups)."""
+"""Tests of the shared per-sample convolution: the batch folded into the groups, and
+the export-friendly forms used while torch.compile or an exporter records a graph."""
 
 from __future__ import annotations
 
+import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randn, tolerance
+from torch._dynamo.testing import CompileCounterWithBackend
 
-from refimpl.per_sample import per_sample_conv2d, per_sample_conv2d_loop
+import refimpl.per_sample as per_sample_module
+from refimpl.per_sample import (
+    ALGORITHMS,
+    per_sample_conv2d,
+    per_sample_conv2d_reference,
+)
+
+from conftest import randn, tolerance
 
 # (c_in, c_out, kernel, stride, padding, dilation, groups, size)
 GEOMETRIES = [
@@ -60,19 +69,6 @@ def _per_sample_reference(x, w, b, stride, padding, dilation, groups):
     return torch.cat(outs)
 
 
-@pytest.fixture
-def one_thread():
-    """Run a test of many tiny ops (gradcheck) on one CPU thread.
-
-    Thousands of convolutions of a few elements each spend their time in thread
-    synchronisation on a busy machine; one thread is many times faster there.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_batched_equals_loop_and_conv2d(geometry, bias, device):
@@ -81,7 +77,7 @@ def test_batched_equals_loop_and_conv2d(geometry, bias, device):
     args = (stride, padding, dilation, groups)
     expected = _per_sample_reference(x, w, b, *args)
     batched = per_sample_conv2d(x, w, b, *args)
-    loop = per_sample_conv2d_loop(x, w, b, *args)
+    loop = per_sample_conv2d_reference(x, w, b, *args)
     torch.testing.assert_close(batched, expected, **tolerance(torch.float64))
     torch.testing.assert_close(loop, expected, **tolerance(torch.float64))
 
@@ -106,7 +102,9 @@ def test_batch_sizes(n, device):
         **tolerance(torch.float64),
     )
     torch.testing.assert_close(
-        per_sample_conv2d_loop(x, w, b, 1, 1, 1, 2), out, **tolerance(torch.float64)
+        per_sample_conv2d_reference(x, w, b, 1, 1, 1, 2),
+        out,
+        **tolerance(torch.float64),
     )
 
 
@@ -198,12 +196,18 @@ ERRORS = [
     (
         {"w": torch.zeros(2, 6, 3, 3, 3)},
         ValueError,
-        r"C_in/groups = 4, got \(2, 6, 3, 3, 3\)",
+        r"expected input with 3 channels \(C_in/groups = 3 in the weight, times "
+        r"groups = 1\), got 4",
     ),
-    ({"groups": 3}, ValueError, r"expected groups to divide the channels"),
+    ({"groups": 3}, ValueError, r"expected input with 12 channels \(C_in/groups = 4"),
+    ({"groups": 4}, ValueError, r"expected groups to divide out_channels"),
     ({"groups": 0}, ValueError, r"expected groups >= 1, got 0"),
     ({"groups": 1.0}, TypeError, r"expected groups to be an int"),
-    ({"b": torch.zeros(2, 5)}, ValueError, r"expected bias of shape \(2, 6\)"),
+    (
+        {"b": torch.zeros(2, 5)},
+        ValueError,
+        r"expected bias of shape \[N, C_out\] = \(2, 6\)",
+    ),
     ({"b": torch.zeros(6)}, ValueError, r"expected bias with 2 dimensions"),
     ({"stride": 0}, ValueError, r"expected stride >= 1, got 0"),
     ({"stride": (1, 2, 3)}, TypeError, r"expected stride to be an int or a pair"),
@@ -217,7 +221,7 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [per_sample_conv2d, per_sample_conv2d_loop])
+@pytest.mark.parametrize("fn", [per_sample_conv2d, per_sample_conv2d_reference])
 @pytest.mark.parametrize("override, error, match", ERRORS)
 def test_errors(fn, override, error, match):
     args = {
@@ -239,4 +243,211 @@ def test_errors(fn, override, error, match):
             args["padding"],
             args["dilation"],
             args["groups"],
+        )
+
+
+# --- algorithms: the folded grouped convolution and the export-friendly forms ----
+
+EXPLICIT = [a for a in ALGORITHMS if a != "auto"]
+
+
+@pytest.mark.parametrize("algorithm", EXPLICIT)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_algorithms_equal_reference(geometry, bias, algorithm, device):
+    c_in, c_out, kernel, stride, padding, dilation, groups, size = geometry
+    x, w, b = _data(3, c_in, c_out, kernel, groups, size, device=device, bias=bias)
+    args = (stride, padding, dilation, groups)
+    torch.testing.assert_close(
+        per_sample_conv2d(x, w, b, *args, algorithm=algorithm),
+        per_sample_conv2d_reference(x, w, b, *args),
+        **tolerance(torch.float64),
+    )
+
+
+@pytest.mark.parametrize("algorithm", EXPLICIT)
+@pytest.mark.parametrize("n", [0, 1])
+@pytest.mark.parametrize("groups", [2, 4])  # C_in/groups = 2, and depthwise
+def test_algorithms_small_batches(n, groups, algorithm):
+    x, w, b = _data(n, 4, 8, (3, 2), groups, (5, 6), grad=True)
+    out = per_sample_conv2d(x, w, b, 1, (1, 0), 1, groups, algorithm=algorithm)
+    assert out.shape == (n, 8, 5, 5)
+    if n:
+        torch.testing.assert_close(
+            out,
+            _per_sample_reference(x, w, b, 1, (1, 0), 1, groups),
+            **tolerance(torch.float64),
+        )
+    out.sum().backward()  # an empty batch still reaches the kernels
+    assert w.grad is not None and w.grad.shape == w.shape
+    assert b.grad is not None and b.grad.shape == b.shape
+
+
+@pytest.mark.parametrize("algorithm", EXPLICIT)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("groups", [2, 4])
+def test_algorithms_low_precision(dtype, groups, algorithm, device):
+    x, w, b = _data(2, 4, 8, (3, 3), groups, (6, 7), device=device)
+    expected = per_sample_conv2d_reference(x, w, b, 2, 1, 1, groups)
+    out = per_sample_conv2d(
+        x.to(dtype), w.to(dtype), b.to(dtype), 2, 1, 1, groups, algorithm=algorithm
+    )
+    assert out.dtype == dtype
+    # a few roundings to the dtype's precision on sums of about ten products
+    rtol, atol = {torch.float32: (1e-5, 1e-5)}.get(dtype, (4e-2, 4e-2))
+    torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("groups", [2, 4])
+def test_algorithms_autocast_bfloat16_cpu(groups, algorithm):
+    x, w, b = _data(2, 4, 8, (3, 3), groups, (6, 7), dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = per_sample_conv2d(x, w, b, 1, 1, 1, groups, algorithm=algorithm)
+    assert out.dtype == torch.bfloat16  # as F.conv2d under autocast
+    torch.testing.assert_close(
+        out.float(),
+        per_sample_conv2d(x, w, b, 1, 1, 1, groups),
+        rtol=5e-2,
+        atol=1e-1,
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["unfold", "taps"])
+@pytest.mark.parametrize("groups", [2, 4])
+def test_algorithms_gradcheck(groups, algorithm, one_thread):
+    x, w, b = _data(2, 4, 4, (2, 3), groups, (5, 4), grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: per_sample_conv2d(
+            x, w, b, (2, 1), 1, (1, 2), groups, algorithm=algorithm
+        ),
+        (x, w, b),
+    )
+
+
+def test_auto_is_grouped_in_eager(monkeypatch):
+    # the fast eager path is kept: "auto" folds the batch into the groups
+    calls = []
+    grouped = per_sample_module._grouped
+    monkeypatch.setattr(
+        per_sample_module, "_grouped", lambda *args: calls.append(1) or grouped(*args)
+    )
+    x, w, b = _data(2, 4, 6, (3, 3), 2, (5, 5))
+    per_sample_conv2d(x, w, b, 1, 1, 1, 2)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "algorithm, error, match",
+    [
+        ("im2col", ValueError, r"algorithm to be one of 'auto', 'grouped', 'unfold'"),
+        (None, TypeError, r"per_sample_conv2d expected algorithm to be a str, got"),
+    ],
+)
+def test_algorithm_errors(algorithm, error, match):
+    x, w, b = _data(2, 4, 6, (3, 3), 1, (5, 5))
+    with pytest.raises(error, match=match):
+        per_sample_conv2d(x, w, b, algorithm=algorithm)
+
+
+# --- compile and export with a dynamic batch --------------------------------------
+
+# The batch is the only size that changes, and no other size equals the first batch
+# size traced (2): torch.compile(dynamic=True) gives equal sizes one symbol.
+# (c_in, c_out, kernel, stride, padding, dilation, groups, size)
+DYNAMIC_GEOMETRIES = {
+    "dense": (9, 12, (3, 5), (1, 2), (2, 1), (2, 1), 3, (10, 11)),  # C_in/groups = 3
+    "depthwise": (9, 18, (3, 3), 1, 1, 1, 9, (7, 8)),
+}
+
+
+def _dynamic_data(n, geometry, dtype=torch.float64):
+    c_in, c_out, kernel, _, _, _, groups, size = geometry
+    x, w, b = _data(n, c_in, c_out, kernel, groups, size, dtype=dtype)
+    return x, w, b
+
+
+class _PerSample(torch.nn.Module):
+    def __init__(self, geometry):
+        super().__init__()
+        self.args = geometry[3:7]
+
+    def forward(self, x, w, b):
+        return per_sample_conv2d(x, w, b, *self.args)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compile caches cleared before and after a compile test."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", DYNAMIC_GEOMETRIES)
+def test_compile_dynamic_batch_compiles_once(name, fresh_dynamo):
+    geometry = DYNAMIC_GEOMETRIES[name]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    counter = CompileCounterWithBackend(backend)
+    eager = _PerSample(geometry)
+    # fullgraph: the argument checks must not break the graph either
+    compiled = torch.compile(eager, backend=counter, dynamic=True, fullgraph=True)
+    for n in range(2, 13):
+        x, w, b = _dynamic_data(n, geometry)
+        torch.testing.assert_close(
+            compiled(x, w, b), eager(x, w, b), **tolerance(torch.float64)
+        )
+    assert counter.frame_count == 1  # no recompilation for batch sizes 3..12
+    # what made the batch dynamic: no convolution whose groups depend on it
+    targets = {node.target for node in graphs[0].graph.nodes}
+    assert F.conv2d not in targets and torch.conv2d not in targets
+
+
+def test_export_dynamic_batch(fresh_dynamo):
+    geometry = DYNAMIC_GEOMETRIES["dense"]
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(
+        _PerSample(geometry),
+        _dynamic_data(3, geometry),
+        dynamic_shapes={"x": {0: batch}, "w": {0: batch}, "b": {0: batch}},
+    )
+    for n in (0, 1, 6):
+        x, w, b = _dynamic_data(n, geometry)
+        torch.testing.assert_close(
+            program.module()(x, w, b),
+            per_sample_conv2d(x, w, b, *geometry[3:7]),
+            **tolerance(torch.float64),
+        )
+
+
+# the exporter notes that the three batch axes share one name
+@pytest.mark.filterwarnings("ignore:.*axis name. batch will not be used:UserWarning")
+@pytest.mark.parametrize("name", DYNAMIC_GEOMETRIES)
+def test_onnx_export_dynamic_batch(name, fresh_dynamo):
+    geometry = DYNAMIC_GEOMETRIES[name]
+    batch = torch.export.Dim("batch")
+    onnx_program = torch.onnx.export(
+        _PerSample(geometry).eval(),
+        _dynamic_data(3, geometry, torch.float32),
+        dynamo=True,
+        dynamic_shapes={"x": {0: batch}, "w": {0: batch}, "b": {0: batch}},
+        verbose=False,
+    )
+    session = onnxruntime.InferenceSession(
+        onnx_program.model_proto.SerializeToString(),
+        providers=["CPUExecutionProvider"],
+    )
+    names = [i.name for i in session.get_inputs()]
+    for n in (2, 5):
+        inputs = _dynamic_data(n, geometry, torch.float32)
+        (out,) = session.run(None, {k: t.numpy() for k, t in zip(names, inputs)})
+        torch.testing.assert_close(
+            torch.from_numpy(out),
+            per_sample_conv2d(*inputs, *geometry[3:7]),
+            **tolerance(torch.float32),
         )

@@ -79,8 +79,10 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def server():
     """Base URL of ``_build/html`` served on an ephemeral port of 127.0.0.1."""
     if not (SITE / "book" / "intro.html").is_file():
-        _unavailable(f"the site is not built ({SITE} has no book/intro.html); "
-                     "run: jupyter-book build .")
+        _unavailable(
+            f"the site is not built ({SITE} has no book/intro.html); "
+            "run: jupyter-book build ."
+        )
     handler = functools.partial(_QuietHandler, directory=str(SITE))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)

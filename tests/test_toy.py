@@ -20,16 +20,6 @@ from refimpl.toy import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The toy tensors are tiny: with two threads, the synchronisation of every
-    # op costs more than the op, and far more on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(seed=0, **kwargs):
     kwargs = {"num_train": 64, "num_test": 32, **kwargs}
     return make_oriented_textures(
@@ -38,6 +28,13 @@ def _data(seed=0, **kwargs):
 
 
 # --- data ---------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _tiny_tensors_on_one_thread(one_thread):
+    # The toy tensors are tiny: with two threads, the synchronisation of every
+    # op costs more than the op, and far more on a busy machine.
+    yield
 
 
 def test_dataset_is_deterministic_for_a_seed():

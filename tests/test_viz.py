@@ -13,7 +13,6 @@ import torch  # noqa: E402
 from refimpl import viz  # noqa: E402
 from refimpl.arithmetic import conv2d_loops, conv_output_size  # noqa: E402
 
-
 ROLES = ["input", "zero padding", "kernel taps", "output", "current output"]
 
 
@@ -34,8 +33,11 @@ def test_show_source_contains_the_def_line():
 
 
 def test_source_of_rejects_builtins():
-    with pytest.raises(TypeError, match=r"^show_source expected a function, class or "
-                                        r"method defined in Python source"):
+    with pytest.raises(
+        TypeError,
+        match=r"^show_source expected a function, class or "
+        r"method defined in Python source",
+    ):
         viz.source_of(torch.conv2d)
 
 
@@ -58,15 +60,24 @@ def test_sliding_window_figure_has_legend_and_right_output_grid():
 
 
 def test_sliding_window_rejects_position_outside_output():
-    with pytest.raises(ValueError, match=r"^plot_sliding_window expected position "
-                                        r"inside the 3x3 output, got \(3, 0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^plot_sliding_window expected position "
+        r"inside the 3x3 output, got \(3, 0\)",
+    ):
         viz.plot_sliding_window(5, 3, position=(3, 0))
 
 
 def test_image_grid_titles_and_colorbars():
     images = {f"k{i}": torch.randn(3, 3) for i in range(5)}
-    fig = viz.plot_image_grid(images, ncols=3, suptitle="kernels", label="weight",
-                              symmetric=True, annotate=True)
+    fig = viz.plot_image_grid(
+        images,
+        ncols=3,
+        suptitle="kernels",
+        label="weight",
+        symmetric=True,
+        annotate=True,
+    )
     visible = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
     assert [ax.get_title() for ax in visible] == list(images)
     colorbars = [ax for ax in fig.axes if ax.get_ylabel() == "weight"]
@@ -75,16 +86,25 @@ def test_image_grid_titles_and_colorbars():
 
 
 def test_heatmap_rejects_non_2d():
-    with pytest.raises(ValueError, match=r"^plot_heatmap expected 2-D data, got 3 "
-                                        r"dimensions"):
+    with pytest.raises(
+        ValueError,
+        match=r"^plot_heatmap expected 2-D data, got 3 "
+        r"dimensions",
+    ):
         viz.plot_heatmap(torch.zeros(2, 3, 3))
 
 
 def test_role_handles_and_heatmap_axes():
     labels = [h.get_label() for h in viz.role_handles()]
     assert labels == ROLES
-    fig = viz.plot_heatmap(torch.ones(4, 4), extent=(-0.5, 0.5, 0.5, -0.5),
-                           xlabel="f_x", ylabel="f_y", label="|K|", title="t")
+    fig = viz.plot_heatmap(
+        torch.ones(4, 4),
+        extent=(-0.5, 0.5, 0.5, -0.5),
+        xlabel="f_x",
+        ylabel="f_y",
+        label="|K|",
+        title="t",
+    )
     ax = fig.axes[0]
     assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("f_x", "f_y", "t")
     assert len(ax.get_xticks()) > 0  # with an extent the ticks stay
