@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._validation import (
+    autocast_enabled,
     check_bool,
-    check_channels,
     check_float_tensor,
     check_groups,
     check_positive_int,
@@ -289,14 +289,19 @@ class Conv2dBase(nn.Module):
                 f"got {x.dim()} dimensions (shape {tuple(x.shape)})"
             )
         unbatched = x.dim() == 3
+        channels = x.shape[-3]
+        if channels != self.in_channels:
+            raise ValueError(
+                f"{owner} expected input with {self.in_channels} channels, got "
+                f"{channels} (shape {tuple(x.shape)})"
+            )
         if unbatched:
             x = x.unsqueeze(0)
-        check_channels(x, self.in_channels, owner=owner)
         dtype = self._parameter_dtype()
         if (
             dtype is not None
             and x.dtype != dtype
-            and not torch.is_autocast_enabled(x.device.type)
+            and not autocast_enabled(x.device.type)
         ):
             raise TypeError(
                 f"{owner} expected input of dtype {dtype} (the dtype of its "
@@ -313,6 +318,16 @@ class Conv2dBase(nn.Module):
                 raise ValueError(
                     f"{owner} expected the padded input ({padded}) to be at least the "
                     f"dilated kernel size ({span}) along {name}"
+                )
+            # F.pad's own limits, raised here as nn.Conv2d's argument errors
+            size, most = x.shape[2 + axis], max(before, after)
+            if (self.padding_mode == "reflect" and most >= size) or (
+                self.padding_mode == "circular" and most > size
+            ):
+                bound = "smaller than" if self.padding_mode == "reflect" else "at most"
+                raise ValueError(
+                    f"{owner} expected {self.padding_mode} padding ({most}) {bound} "
+                    f"the input {name} ({size})"
                 )
         return x, unbatched
 
@@ -360,10 +375,9 @@ class Conv2dBase(nn.Module):
         def convert(t):
             if t.dim() != 5:
                 return fn(t)
-            try:
-                return fn(t)
-            except RuntimeError:
-                return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2])
+            # also when converting back: PyTorch leaves a 5-D tensor with
+            # per-kernel channels-last strides as it is for contiguous_format
+            return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2])
 
         return super()._apply(convert, recurse)
 

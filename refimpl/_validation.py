@@ -189,6 +189,15 @@ def check_groups(
         )
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (``False`` where it cannot be,
+    such as the meta device, on which ``torch.is_autocast_enabled`` raises)."""
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if available is not None and not available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
 def check_same_dtype(x: Tensor, *, owner: str, **tensors: Tensor | None) -> None:
     """Check that every tensor has the dtype of the input ``x``.
 
@@ -196,7 +205,7 @@ def check_same_dtype(x: Tensor, *, owner: str, **tensors: Tensor | None) -> None
     operands, so mixed dtypes are legitimate; outside it they would fail deep
     inside ``F.conv2d``.
     """
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_enabled(x.device.type):
         return
     for name, t in tensors.items():
         if t is not None and t.dtype != x.dtype:

@@ -118,7 +118,7 @@ def mix_experts(
 
 
 def condconv2d(
-    x: Tensor,
+    input: Tensor,
     routing: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
@@ -136,7 +136,7 @@ def condconv2d(
     NeurIPS 2019, arXiv:1904.04971; chapter 2.
 
     Args:
-        x: ``Tensor[N, C_in, H, W]``.
+        input: ``Tensor[N, C_in, H, W]``.
         routing: ``Tensor[N, E]``, routing weights (any real values; CondConv2d
             produces them in ``(0, 1)`` with a sigmoid).
         weight: ``Tensor[E, C_out, C_in/groups, kH, kW]``, the expert kernels.
@@ -156,11 +156,11 @@ def condconv2d(
             convolution geometry.
     """
     geometry = (stride, padding, dilation, groups)
-    return bank_conv2d("condconv2d", "routing", x, routing, weight, bias, geometry)
+    return bank_conv2d("condconv2d", "routing", input, routing, weight, bias, geometry)
 
 
 def condconv2d_reference(
-    x: Tensor,
+    input: Tensor,
     routing: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
@@ -177,7 +177,7 @@ def condconv2d_reference(
     chapter 2 use it to check :func:`condconv2d`.
 
     Args:
-        x: ``Tensor[N, C_in, H, W]``.
+        input: ``Tensor[N, C_in, H, W]``.
         routing: ``Tensor[N, E]``.
         weight: ``Tensor[E, C_out, C_in/groups, kH, kW]``.
         bias: optional ``Tensor[E, C_out]``.
@@ -193,7 +193,7 @@ def condconv2d_reference(
     return bank_conv2d(
         "condconv2d_reference",
         "routing",
-        x,
+        input,
         routing,
         weight,
         bias,
@@ -481,6 +481,7 @@ class CondConv2d(Conv2dBase):
                 owner=type(self).__name__,
                 layout="[N, num_kernels]",
             )
+            check_same_dtype(x, owner=type(self).__name__, routing=routing)
         return self._finish(self._forward(x, routing), x, unbatched)
 
     def _preserve(self, weight: Tensor, bias: Tensor | None) -> None:

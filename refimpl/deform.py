@@ -32,6 +32,7 @@ from ._validation import (
     check_float_tensor,
     check_positive_int,
     check_real,
+    check_same_dtype,
     pair,
 )
 
@@ -119,6 +120,9 @@ def _check(input, offset, weight, bias, stride, padding, dilation, mask, owner):
                 f"{owner} expected bias of shape [{c_out}] (C_out), got "
                 f"{list(bias.shape)}"
             )
+    check_same_dtype(
+        input, owner=owner, offset=offset, weight=weight, bias=bias, mask=mask
+    )
     return stride, padding, dilation, groups, offset_groups, out_h, out_w
 
 

@@ -154,7 +154,7 @@ def kernel_attention(
 
 
 def dynamic_conv2d(
-    x: Tensor,
+    input: Tensor,
     attention: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
@@ -173,7 +173,7 @@ def dynamic_conv2d(
     static convolution plus ``N * K * |W|`` multiply-adds for the aggregation.
 
     Args:
-        x: ``Tensor[N, C_in, H, W]``.
+        input: ``Tensor[N, C_in, H, W]``.
         attention: ``Tensor[N, K]``, usually from :func:`kernel_attention`. Any
             real weights are accepted: the aggregation is linear in them.
         weight: ``Tensor[K, C_out, C_in/groups, kH, kW]``.
@@ -192,12 +192,12 @@ def dynamic_conv2d(
     # only the weights that do the mixing differ.
     geometry = (stride, padding, dilation, groups)
     return bank_conv2d(
-        "dynamic_conv2d", "attention", x, attention, weight, bias, geometry
+        "dynamic_conv2d", "attention", input, attention, weight, bias, geometry
     )
 
 
 def dynamic_conv2d_reference(
-    x: Tensor,
+    input: Tensor,
     attention: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
@@ -221,7 +221,7 @@ def dynamic_conv2d_reference(
     return bank_conv2d(
         "dynamic_conv2d_reference",
         "attention",
-        x,
+        input,
         attention,
         weight,
         bias,

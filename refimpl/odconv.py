@@ -36,6 +36,7 @@ from ._validation import (
     check_conv_operands,
     check_float_tensor,
     check_positive_int,
+    check_same_dtype,
     check_shape,
 )
 from .per_sample import _per_sample_conv2d
@@ -185,6 +186,15 @@ def _check_functional(x, weight, atts, bias, stride, padding, dilation, groups, 
         )
     if bias is not None:
         check_shape(bias, "bias", (c_out,), owner=owner, layout="[C_out]")
+    names = ("channel_attention", "filter_attention", "spatial_attention")
+    check_same_dtype(
+        x,
+        owner=owner,
+        **dict(zip(names, atts)),
+        kernel_attention=atts[3],
+        weight=weight,
+        bias=bias,
+    )
     size = _output_size(h, w, kh, kw, stride, padding, dilation)
     return stride, padding, dilation, groups, size
 
@@ -210,7 +220,7 @@ def _mix(weight: Tensor, spatial: Tensor | None, kernel: Tensor | None) -> Tenso
 
 
 def odconv2d(
-    x: Tensor,
+    input: Tensor,
     channel_attention: Tensor | None,
     filter_attention: Tensor | None,
     spatial_attention: Tensor | None,
@@ -247,7 +257,7 @@ def odconv2d(
     * ``"auto"`` picks one with :func:`choose_order`.
 
     Args:
-        x: ``Tensor[N, C_in, H, W]``.
+        input: ``Tensor[N, C_in, H, W]``.
         channel_attention: ``Tensor[N, C_in]`` or ``None``.
         filter_attention: ``Tensor[N, C_out]`` or ``None``.
         spatial_attention: ``Tensor[N, kH, kW]`` or ``None``.
@@ -268,13 +278,13 @@ def odconv2d(
     """
     atts = (channel_attention, filter_attention, spatial_attention, kernel_attention)
     stride, padding, dilation, groups, size = _check_functional(
-        x, weight, atts, bias, stride, padding, dilation, groups, _FN
+        input, weight, atts, bias, stride, padding, dilation, groups, _FN
     )
     if order not in _ORDERS:
         raise ValueError(f"{_FN} expected order in {_ORDERS}, got {order!r}")
     if order == "auto":
         order = choose_order(
-            x.shape,
+            input.shape,
             weight.shape,
             size,
             channel=channel_attention is not None,
@@ -282,7 +292,9 @@ def odconv2d(
             spatial=spatial_attention is not None,
             kernel=kernel_attention is not None,
         )
-    return _odconv2d(x, *atts, weight, bias, stride, padding, dilation, groups, order)
+    return _odconv2d(
+        input, *atts, weight, bias, stride, padding, dilation, groups, order
+    )
 
 
 def _odconv2d(
@@ -337,7 +349,7 @@ def _odconv2d(
 
 
 def odconv2d_reference(
-    x: Tensor,
+    input: Tensor,
     channel_attention: Tensor | None,
     filter_attention: Tensor | None,
     spatial_attention: Tensor | None,
@@ -361,12 +373,20 @@ def odconv2d_reference(
     """
     atts = (channel_attention, filter_attention, spatial_attention, kernel_attention)
     stride, padding, dilation, groups, _ = _check_functional(
-        x, weight, atts, bias, stride, padding, dilation, groups, "odconv2d_reference"
+        input,
+        weight,
+        atts,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        "odconv2d_reference",
     )
     num_kernels, c_out, c_in_g, kh, kw = weight.shape
     per_group = c_out // groups
     outputs = []
-    for b in range(x.shape[0]):
+    for b in range(input.shape[0]):
         filters = []
         for o in range(c_out):
             q = o // per_group  # the group of filter o
@@ -388,10 +408,12 @@ def odconv2d_reference(
             filters.append(torch.stack(rows))
         kernel_b = torch.stack(filters)
         outputs.append(
-            F.conv2d(x[b : b + 1], kernel_b, bias, stride, padding, dilation, groups)
+            F.conv2d(
+                input[b : b + 1], kernel_b, bias, stride, padding, dilation, groups
+            )
         )
     if not outputs:
-        return odconv2d(x, *atts, weight, bias, stride, padding, dilation, groups)
+        return odconv2d(input, *atts, weight, bias, stride, padding, dilation, groups)
     return torch.cat(outputs)
 
 
@@ -620,19 +642,15 @@ class ODConv2d(TemperatureMixin, Conv2dBase):
         if self.order != "auto":
             return self.order
         n, c, h, w = input_shape
-        left, right, top, bottom = self._pad_lrtb
+        if self._pre_pad:  # the channel attention then scales the padded input
+            left, right, top, bottom = self._pad_lrtb
+            h, w = h + top + bottom, w + left + right
         size = _output_size(
-            h + top + bottom,
-            w + left + right,
-            *self.kernel_size,
-            self.stride,
-            (0, 0),
-            self.dilation,
+            h, w, *self.kernel_size, self.stride, self.op_padding, self.dilation
         )
-        padded = (n, c, h + top + bottom, w + left + right)
         a = self.attention
         return choose_order(
-            padded,
+            (n, c, h, w),
             self.weight.shape,
             size,
             channel=True,

@@ -22,7 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import check_conv_operands, check_float_tensor, check_shape
+from ._validation import (
+    check_conv_operands,
+    check_float_tensor,
+    check_same_dtype,
+    check_shape,
+)
 
 try:
     from torch.compiler import is_compiling as _is_compiling
@@ -52,6 +57,7 @@ def _check(x, weight, bias, stride, padding, dilation, groups, owner):
         )
     if bias is not None:
         check_shape(bias, "bias", (n, c_out), owner=owner, layout="[N, C_out]")
+    check_same_dtype(x, owner=owner, weight=weight, bias=bias)
     return parsed
 
 
@@ -201,7 +207,7 @@ def _taps(x, weight, bias, stride, padding, dilation, groups):
 
 
 def per_sample_conv2d(
-    x: Tensor,
+    input: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
     stride: int | tuple[int, int] = 1,
@@ -219,7 +225,7 @@ def per_sample_conv2d(
     with ``groups * N`` groups computes every sample at once.
 
     Args:
-        x: ``Tensor[N, C_in, H, W]``.
+        input: ``Tensor[N, C_in, H, W]``.
         weight: ``Tensor[N, C_out, C_in/groups, kH, kW]``, one kernel per sample.
         bias: optional ``Tensor[N, C_out]``, one bias per sample.
         stride, padding, dilation: ints or pairs, as in ``torch.nn.functional.conv2d``.
@@ -257,10 +263,10 @@ def per_sample_conv2d(
     """
     algorithm = _check_algorithm(algorithm)
     stride, padding, dilation, groups = _check(
-        x, weight, bias, stride, padding, dilation, groups, _OWNER
+        input, weight, bias, stride, padding, dilation, groups, _OWNER
     )
     return _per_sample_conv2d(
-        x, weight, bias, stride, padding, dilation, groups, algorithm
+        input, weight, bias, stride, padding, dilation, groups, algorithm
     )
 
 
@@ -286,7 +292,7 @@ def _per_sample_conv2d(
 
 
 def per_sample_conv2d_reference(
-    x: Tensor,
+    input: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
     stride: int | tuple[int, int] = 1,
@@ -300,11 +306,11 @@ def per_sample_conv2d_reference(
     and shown in chapter 2 next to the batched version.
     """
     stride, padding, dilation, groups = _check(
-        x, weight, bias, stride, padding, dilation, groups, _OWNER
+        input, weight, bias, stride, padding, dilation, groups, _OWNER
     )
     outputs = [
         F.conv2d(
-            x[i : i + 1],
+            input[i : i + 1],
             weight[i],
             None if bias is None else bias[i],
             stride,
@@ -312,8 +318,8 @@ def per_sample_conv2d_reference(
             dilation,
             groups,
         )
-        for i in range(x.shape[0])
+        for i in range(input.shape[0])
     ]
     if not outputs:
-        return per_sample_conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return per_sample_conv2d(input, weight, bias, stride, padding, dilation, groups)
     return torch.cat(outputs, dim=0)

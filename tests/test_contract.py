@@ -222,12 +222,16 @@ def test_module_to_channels_last(row):
     x = randn(2, 4, 6, 6, seed=5)
     expected = layer(x)
     layer = layer.to(memory_format=torch.channels_last)
-    assert (
-        layer.weight.shape == expected.new_empty(0).new_empty(layer.weight.shape).shape
-    )
+    kernels = layer.weight.flatten(0, layer.weight.dim() - 4)
+    assert kernels.is_contiguous(memory_format=torch.channels_last)
+    if kernels.shape[1] > 1 and kernels.shape[-1] * kernels.shape[-2] > 1:
+        assert not kernels.is_contiguous()  # the conversion really happened
     out = layer(x.to(memory_format=torch.channels_last))
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, expected, **F64)
+    layer = layer.to(memory_format=torch.contiguous_format)  # and back, as nn.Conv2d
+    assert all(p.is_contiguous() for p in layer.parameters())
+    torch.testing.assert_close(layer(x), expected, **F64)
 
 
 # --- dtypes, autocast, gradients ------------------------------------------------------
@@ -518,6 +522,16 @@ def test_forward_errors(row):
             layer(value)
         with pytest.raises(error, match=rf"^{name} {match}"):
             layer.dynamic_tensors(value)
+    reflect = row.cls(4, 6, 3, padding=3, padding_mode="reflect", **row.options)
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name} expected reflect padding \(3\) smaller than the input "
+        r"height \(3\)",
+    ):
+        reflect(torch.zeros(4, 3, 9))
+    meta = row.cls(4, 6, 3, device="meta", **row.options).eval()
+    with pytest.raises(TypeError, match=rf"^{name} expected input of dtype"):
+        meta(torch.empty(2, 4, 5, 5, device="meta", dtype=torch.float64))
 
 
 # --- the dynamic part and the temperature ---------------------------------------------
@@ -576,3 +590,40 @@ def test_functional_padding_is_conv2d_padding():
     for row in ROWS:
         layer = row.cls.from_conv2d(conv, **row.options).eval()
         torch.testing.assert_close(layer(x), reference, **F64)
+
+
+@rows
+def test_functional_forms_check_dtypes_and_take_input_by_name(row):
+    layer = make(row, 4, 6, 3, padding=1, dtype=torch.float32)
+    x = randn(2, 4, 5, 5, seed=15, dtype=torch.float32)
+    dynamic = layer.dynamic_tensors(x)
+    if row.cls is DeformConv2d:
+        fn, name = refimpl.deform_conv2d, "deform_conv2d"
+
+        def call(input, weight, dynamic=dynamic):
+            return fn(
+                input=input,
+                offset=dynamic.offset,
+                weight=weight,
+                bias=layer.bias,
+                padding=1,
+                mask=dynamic.mask,
+            )
+    else:
+        fn = {
+            CondConv2d: refimpl.condconv2d,
+            DynamicConv2d: refimpl.dynamic_conv2d,
+            ODConv2d: refimpl.odconv2d,
+        }[row.cls]
+        name = fn.__name__
+
+        def call(input, weight):
+            return fn(input, *dynamic, weight, layer.bias, 1, 1)
+
+    torch.testing.assert_close(call(input=x, weight=layer.weight), layer(x))
+    with pytest.raises(
+        TypeError,
+        match=rf"^{name} expected weight with the dtype of the input "
+        r"\(torch\.float32\), got torch\.float64",
+    ):
+        call(x, layer.weight.double())

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.ops as tv_ops  # a requirement: never skipped
 
 import refimpl.deform as deform
 from refimpl.deform import DeformConv2d, deform_conv2d, deform_conv2d_reference
 
 from conftest import randn, tolerance
-
-tv_ops = pytest.importorskip("torchvision.ops")
 
 F64 = torch.float64
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.ops as tv_ops  # a requirement: never skipped
 
 import refimpl.deform as deform
 from refimpl.deform import DeformConv2d, deform_conv2d, deform_conv2d_reference
 
 from conftest import randn
-
-tv_ops = pytest.importorskip("torchvision.ops")
 
 F32, F16, F64 = torch.float32, torch.float16, torch.float64
 INF, NAN = float("inf"), float("nan")
