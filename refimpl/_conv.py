@@ -543,9 +543,12 @@ class TemperatureMixin:
             )
         self.temperature = state["temperature"]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        missing_keys = kwargs["missing_keys"] if "missing_keys" in kwargs else args[2]
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, *args
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, *args
+        )
         key = prefix + "_extra_state"
         if key not in state_dict and key in missing_keys:
             missing_keys.remove(key)  # keep the current temperature

@@ -348,10 +348,13 @@ def deform_conv2d(
     (values and gradients agree to rounding, including at the image border and
     at integer sampling points), but written in plain PyTorch, so it runs on
     any device and dtype, under autocast, ``torch.compile`` and
-    ``torch.export``. On a CPU it is faster than torchvision's kernel, forward
-    and backward. Under ``torch.compile``/``torch.export`` the columns are built
-    in one piece (no chunks, no recomputation in the backward), so that one
-    graph serves every batch and spatial size. ``torch.jit.trace`` is refused:
+    ``torch.export``. On a CPU it is several times faster than torchvision's
+    kernel for dense kernels (forward 0.15x-0.41x of torchvision's time at ResNet
+    stage shapes, k=3), but slower for depthwise ones (about 3.5x torchvision's
+    time at N=8, C=96, 56x56, k=7, groups=96). Under ``torch.compile`` and
+    ``torch.export`` the columns are built in one piece (no chunks, no
+    recomputation in the backward), so that one graph serves every batch and
+    spatial size. ``torch.jit.trace`` is refused:
     a traced graph would keep the sizes of the example input.
 
     Layout: offset group ``g`` covers input channels

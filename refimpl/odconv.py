@@ -39,6 +39,7 @@ from ._validation import (
     check_same_dtype,
     check_shape,
 )
+from .per_sample import _output_size as output_size
 from .per_sample import _per_sample_conv2d
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "order_costs",
 ]
 
-_OWNER = "ODConv2d"
 _FN = "odconv2d"
 _ORDERS = ("auto", "kernel", "feature")
 
@@ -158,7 +158,7 @@ def choose_order(
 def _output_size(h, w, kh, kw, stride, padding, dilation):
     """``(H_out, W_out)`` of a convolution (sizes already checked)."""
     return tuple(
-        (size + 2 * padding[axis] - dilation[axis] * (k - 1) - 1) // stride[axis] + 1
+        output_size(size, k, stride[axis], padding[axis], dilation[axis])
         for axis, (size, k) in enumerate(((h, kh), (w, kw)))
     )
 

@@ -163,14 +163,25 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None):
     return x, weight, bias
 
 
-def _unfold(x, weight, bias, stride, padding, dilation, groups):
-    # im2col from strided slices, then one batched matrix product per (sample, group).
-    n, _, h, w = x.shape
-    _, c_out, c_in_g, kh, kw = weight.shape
+def _prepare(x, weight, bias, stride, padding, dilation):
+    """What ``"unfold"`` and ``"taps"`` share: the operands cast as autocast would
+    cast them, the output size and the input windows of every tap."""
+    _, _, h, w = x.shape
+    kh, kw = weight.shape[-2:]
     h_out = _output_size(h, kh, stride[0], padding[0], dilation[0])
     w_out = _output_size(w, kw, stride[1], padding[1], dilation[1])
     x, weight, bias = _autocast(x, weight, bias)
     windows = _windows(x, (kh, kw), stride, padding, dilation, (h_out, w_out))
+    return weight, bias, windows, h_out, w_out
+
+
+def _unfold(x, weight, bias, stride, padding, dilation, groups):
+    # im2col from strided slices, then one batched matrix product per (sample, group).
+    n = x.shape[0]
+    _, c_out, c_in_g, kh, kw = weight.shape
+    weight, bias, windows, h_out, w_out = _prepare(
+        x, weight, bias, stride, padding, dilation
+    )
     # Tensor[N, C_in, kH*kW, H_out, W_out]: rows ordered (channel, tap) like the
     # flattened kernel, so each group's rows are contiguous.
     cols = torch.stack(windows, dim=2)
@@ -187,12 +198,11 @@ def _unfold(x, weight, bias, stride, padding, dilation, groups):
 
 def _taps(x, weight, bias, stride, padding, dilation, groups):
     # Sum over the kernel taps of (per-sample kernel tap) x (strided window).
-    n, _, h, w = x.shape
+    n = x.shape[0]
     _, c_out, c_in_g, kh, kw = weight.shape
-    h_out = _output_size(h, kh, stride[0], padding[0], dilation[0])
-    w_out = _output_size(w, kw, stride[1], padding[1], dilation[1])
-    x, weight, bias = _autocast(x, weight, bias)
-    windows = _windows(x, (kh, kw), stride, padding, dilation, (h_out, w_out))
+    weight, bias, windows, h_out, w_out = _prepare(
+        x, weight, bias, stride, padding, dilation
+    )
     kernels = weight.reshape(n, groups, c_out // groups, c_in_g, kh * kw)
     out = None
     for tap, window in enumerate(windows):

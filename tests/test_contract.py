@@ -575,10 +575,24 @@ def test_set_temperature_touches_only_refimpl_layers():
         refimpl.set_temperature([model], 1.0)
 
 
-def test_padding_modes_are_nn_conv2d_modes():
-    assert PADDING_MODES == ("zeros", "reflect", "replicate", "circular")
-    for mode in PADDING_MODES:
-        nn.Conv2d(1, 1, 3, padding=1, padding_mode=mode)  # all valid there too
+@rows
+@pytest.mark.parametrize(
+    "mode", ["zeros", "reflect", "replicate", "circular", "constant", "mirror", ""]
+)
+def test_padding_modes_are_exactly_nn_conv2d_modes(row, mode):
+    # nn.Conv2d is the judge: a mode it accepts is accepted and computes the same
+    # function after from_conv2d, a mode it refuses is refused with ValueError
+    try:
+        conv = nn.Conv2d(4, 6, 3, padding=1, padding_mode=mode, dtype=torch.float64)
+    except ValueError:
+        assert mode not in PADDING_MODES
+        with pytest.raises(ValueError, match=r"expected padding_mode in"):
+            row.cls(4, 6, 3, padding=1, padding_mode=mode, **row.options)
+        return
+    assert mode in PADDING_MODES
+    layer = row.cls.from_conv2d(conv, **row.options).eval()
+    x = randn(2, 4, 6, 7, seed=16)
+    torch.testing.assert_close(layer(x), conv(x), **F64)
 
 
 def test_functional_padding_is_conv2d_padding():

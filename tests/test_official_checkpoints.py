@@ -138,20 +138,10 @@ def condconv_official_forward(x, sd, case):
 
 
 def condconv_layer(case, **options):
-    c_in, c_out, kernel, stride, padding, dilation, groups, e, bias = case
-    return CondConv2d(
-        c_in,
-        c_out,
-        kernel,
-        stride,
-        padding,
-        dilation,
-        groups,
-        bias,
-        num_kernels=e,
-        dtype=torch.float64,
-        **options,
+    *geometry, e, bias = (
+        case  # (c_in, c_out, kernel, stride, padding, dilation, groups)
     )
+    return CondConv2d(*geometry, bias, num_kernels=e, dtype=torch.float64, **options)
 
 
 @pytest.mark.parametrize("case", CONDCONV_CASES)
@@ -224,23 +214,12 @@ def dynamic_official_forward(x, sd, case):
 
 
 def dynamic_layer(case, hidden=None, **options):
-    c_in, c_out, kernel, stride, padding, dilation, groups, k, bias, temp = case
+    *geometry, k, bias, temp = case
     if hidden is not None:
         # hidden = max(floor(C_in * reduction), min_hidden) == the port's width
-        options = {"reduction": hidden / c_in, "min_hidden": 1, **options}
+        options = {"reduction": hidden / geometry[0], "min_hidden": 1, **options}
     return DynamicConv2d(
-        c_in,
-        c_out,
-        kernel,
-        stride,
-        padding,
-        dilation,
-        groups,
-        bias,
-        num_kernels=k,
-        temperature=temp,
-        dtype=torch.float64,
-        **options,
+        *geometry, bias, num_kernels=k, temperature=temp, dtype=torch.float64, **options
     )
 
 
@@ -458,17 +437,11 @@ def deform_official_forward(x, sd, case):
 
 
 def deform_layer(case, **options):
-    c_in, c_out, kernel, stride, padding, dilation, groups, g, modulated, bias = case
+    *geometry, g, modulated, bias = case
     if modulated:
         options = {"mask_scale": 1.0, **options}  # mmcv's mask: a plain sigmoid
     return DeformConv2d(
-        c_in,
-        c_out,
-        kernel,
-        stride,
-        padding,
-        dilation,
-        groups,
+        *geometry,
         bias,
         offset_groups=g,
         modulated=modulated,
