@@ -130,7 +130,7 @@ def _check(input, offset, weight, bias, stride, padding, dilation, mask, owner):
 
 
 def _sampling_points(offset, kernel, stride, padding, dilation):
-    """Rows ``Y`` and columns ``X`` of every sampling point (chapter 6, deform-conv).
+    """Rows ``Y`` and columns ``X`` of every sampling point (chapter 6, first equation).
 
     ``offset`` is ``Tensor[N, 2*G*kh*kw, H_out, W_out]`` with, per offset group,
     the taps in row-major order and ``(dy, dx)`` interleaved per tap. Returns
@@ -500,7 +500,9 @@ def deform_conv2d_reference(
     .. math::
 
         y[n, o, p_0] = b_o + \sum_{c}\sum_{i,j} w[o, c, i, j]\; m\;
-        \sum_q G(q, p)\, x[n, c, q],\qquad p = p_0 + p_{ij} + \Delta p_{ij},
+        \sum_q G(q, p)\, x[n, c, q],
+
+        p = p_0 + p_{ij} + \Delta p_{ij},
 
     with the bilinear kernel :math:`G` of *Deformable Convolutional Networks*
     (Dai et al., ICCV 2017, arXiv 1703.06211) summed over every pixel ``q``

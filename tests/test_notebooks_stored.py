@@ -18,6 +18,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHAPTERS = ROOT / "chapters"
 NOTEBOOKS = sorted(CHAPTERS.glob("*.ipynb"))
+# The line limit of code and output: book/_static/book.css sizes code so that 88
+# columns fit the text column of a 1280 px window (and ruff formats refimpl, whose
+# source the chapters display, to 88 columns too).
 MAX_COLUMNS = 88
 MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|tmp|root|home|Users)/")
 SETUP_PATTERNS = {
@@ -145,16 +148,56 @@ def test_no_timing_metadata(path):
     assert not timed, f"{path.name}: cells {timed} store timing metadata"
 
 
+def _fenced_lines(markdown: str):
+    """Lines of the code blocks of a Markdown text, which the page shows as code.
+
+    A fence whose info string is a directive (```{exercise}) holds text, not code.
+    """
+    stack: list[tuple[str, bool]] = []  # (fence, holds code)
+    for line in markdown.splitlines():
+        fence = re.match(r"\s*(`{3,}|~{3,})(.*)$", line)
+        if fence and stack and fence.group(1) == stack[-1][0] and not fence.group(2):
+            stack.pop()
+        elif fence:
+            stack.append((fence.group(1), not fence.group(2).strip().startswith("{")))
+        elif stack and stack[-1][1]:
+            yield line
+
+
+def _shown_output_lines(output: dict):
+    """The lines of an output that the page shows in a code block."""
+    if output["output_type"] == "stream":
+        yield from _text(output.get("text", "")).splitlines()
+    elif output["output_type"] == "error":
+        yield from (output.get("ename", "") + ": " + output.get("evalue", "")).split(
+            "\n"
+        )
+    else:
+        data = output.get("data", {})
+        if "text/markdown" in data:  # rendered as MyST: only code blocks are fixed
+            yield from _fenced_lines(_text(data["text/markdown"]))
+        elif not any(m.startswith("image/") or m == "text/html" for m in data):
+            yield from _text(data.get("text/plain", "")).splitlines()
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
-def test_code_fits_the_page(path):
-    """Code lines are at most 88 columns, so the page shows them without scrolling."""
-    long_lines = [
-        f"cell {i}, line {n}: {len(line)} columns"
-        for i, cell in enumerate(_load(path)["cells"])
-        if cell["cell_type"] == "code"
-        for n, line in enumerate(_source(cell).splitlines(), start=1)
-        if len(line) > MAX_COLUMNS
-    ]
+def test_code_and_outputs_fit_the_page(path):
+    """Code and output lines are at most 88 columns: the page shows them whole."""
+    long_lines = []
+    for i, cell in enumerate(_load(path)["cells"]):
+        if cell["cell_type"] == "markdown":
+            lines = [("code block", x) for x in _fenced_lines(_source(cell))]
+        elif cell["cell_type"] == "code":
+            lines = [("code", x) for x in _source(cell).splitlines()]
+            for out in cell.get("outputs", []):
+                lines += [("output", x) for x in _shown_output_lines(out)]
+        else:
+            continue
+        long_lines += [
+            f"cell {i}, {kind}: {len(line)} columns: {line[:60]!r}..."
+            for kind, line in lines
+            if len(line) > MAX_COLUMNS
+        ]
     assert not long_lines, f"{path.name}:\n" + "\n".join(long_lines)
 
 
@@ -207,3 +250,126 @@ def test_toc_entries_exist():
         if not any((ROOT / f).with_suffix(s).is_file() for s in (".md", ".ipynb"))
     ]
     assert not missing, f"_toc.yml lists files that do not exist: {missing}"
+
+
+def _number(path: pathlib.Path) -> str:
+    return path.name[:2]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_chapter_label_follows_file_name(path):
+    """The title carries the label ``chapter-N`` that other pages link to."""
+    first = _source(_load(path)["cells"][0])
+    label = f"(chapter-{int(_number(path))})="
+    assert first.startswith(label + "\n# "), (
+        f"{path.name}: the first cell must start with {label!r} and the # title"
+    )
+
+
+EXERCISE = re.compile(r"^(`{3,})\{exercise\}[ \t]*(.*)\n:label: (\S+)", re.M)
+SOLUTION = re.compile(r"^```\{solution-start\} (\S+)\n((?::\w+:.*\n)*)```\s*$")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_exercises_have_hidden_executed_solutions(path):
+    """Every exercise is followed by its solution in a collapsed dropdown.
+
+    The convention of the book: a Markdown cell with an ``{exercise}`` directive
+    labelled ``chNN-ex-K`` (K = 1, 2, ...), then a cell ``{solution-start}
+    chNN-ex-K`` with ``:label: chNN-sol-K`` and ``:class: dropdown``, then the
+    solution (at least one code cell, executed and checked by nbval), then a cell
+    ``{solution-end}``.
+    """
+    cells = _load(path)["cells"]
+    chapter = _number(path)
+    problems, labels = [], []
+    for i, cell in enumerate(cells):
+        text = _source(cell)
+        if cell["cell_type"] != "markdown":
+            continue
+        if re.search(r"\{admonition\}\s*Exercise", text):
+            problems.append(f"cell {i}: exercise as an admonition, not {{exercise}}")
+        for match in EXERCISE.finditer(text):
+            label = match.group(3)
+            labels.append(label)
+            k = len(labels)
+            if label != f"ch{chapter}-ex-{k}":
+                problems.append(f"cell {i}: exercise {k} is labelled {label!r}")
+            solution = (
+                SOLUTION.match(_source(cells[i + 1])) if i + 1 < len(cells) else None
+            )
+            if not solution or solution.group(1) != label:
+                problems.append(f"cell {i + 1}: no {{solution-start}} {label} after it")
+                continue
+            options = solution.group(2)
+            if ":class: dropdown" not in options:
+                problems.append(f"cell {i + 1}: the solution of {label} is not hidden")
+            if f":label: ch{chapter}-sol-{k}" not in options:
+                problems.append(
+                    f"cell {i + 1}: the solution needs :label: ch{chapter}-sol-{k}"
+                )
+            body = []
+            for later in cells[i + 2 :]:
+                if _source(later).startswith("```{solution-end}"):
+                    break
+                if EXERCISE.search(_source(later)) or _source(later).startswith("## "):
+                    problems.append(f"solution of {label} has no {{solution-end}}")
+                    break
+                body.append(later)
+            else:
+                problems.append(f"solution of {label} has no {{solution-end}}")
+            if not any(c["cell_type"] == "code" for c in body):
+                problems.append(f"solution of {label} has no code cell")
+    has_section = any(
+        re.search(r"^## Exercises\s*$", _source(c), re.M)
+        for c in cells
+        if c["cell_type"] == "markdown"
+    )
+    if has_section and not labels:
+        problems.append("an Exercises section without {exercise} directives")
+    assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+# roles, equation labels, targets and directive labels: where a label belongs
+LEGITIMATE = re.compile(
+    r"\{\w+(?::\w+)?\}`[^`]*`|\$\$\s*\([\w-]+\)|^\([\w-]+\)=|^:label: .*", re.M
+)
+
+
+def _book_labels() -> set[str]:
+    labels = set()
+    pages = [_source(c) for p in NOTEBOOKS for c in _load(p)["cells"]]
+    pages += [p.read_text(encoding="utf-8") for p in (ROOT / "book").glob("*.md")]
+    for text in pages:
+        labels |= set(re.findall(r"\$\$\s*\(([\w-]+)\)", text))
+        labels |= set(re.findall(r"^\(([\w-]+)\)=", text, re.M))
+        labels |= set(re.findall(r"^:label: (\S+)", text, re.M))
+    return labels
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_no_internal_label_in_the_text(path):
+    """Labels are link targets: "(cc-cost)" or "eq. (...)" must not reach a reader.
+
+    A reference is a role ({eq}`cc-cost`, {numref}`...`) that Sphinx turns into a
+    numbered link; a label written out in prose, in a code comment or in a
+    printed output is a leak.
+    """
+    labels = _book_labels()
+    assert labels, "no labels found: the pattern is out of date"
+    mention = re.compile(r"\(([\w-]+)\)|\beqs?\.\s*\(")
+    problems = []
+    for i, cell in enumerate(_load(path)["cells"]):
+        texts = [_source(cell)]
+        if cell["cell_type"] == "markdown":
+            # roles, equation labels and targets are the legitimate uses
+            texts = [LEGITIMATE.sub("", texts[0])]
+        for out in cell.get("outputs", []):
+            texts += list(_output_texts(out))
+        for text in texts:
+            for match in mention.finditer(text):
+                if match.group(1) is None or match.group(1) in labels:
+                    problems.append(f"cell {i}: {match.group(0)!r}")
+    assert not problems, f"{path.name}: labels written out as text:\n" + "\n".join(
+        problems
+    )

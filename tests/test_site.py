@@ -1,10 +1,20 @@
-"""The built website works in a real browser, offline.
+"""The built website works in a real browser, offline, as a reader sees it.
 
 Serves ``_build/html`` on 127.0.0.1 and opens every page in headless Chromium (the
-Debian package, driven by Playwright's Python API; no browser is downloaded). Each
-page must load with no console error, no failed request, no request leaving
-127.0.0.1, every formula typeset by the locally served MathJax, and every image
-decoded.
+Debian package, driven by Playwright's Python API; no browser is downloaded), in a
+window 1280 px wide and in one 390 px wide (a phone). Each page must load with no
+console error, no failed request, no request leaving 127.0.0.1, every formula
+typeset by the locally served MathJax, and every image decoded; and what a reader
+sees must be right:
+
+- nothing is wider than the text column unless it scrolls inside its own box; at
+  1280 px no display equation and no code block scrolls at all, and at 390 px an
+  equation that scrolls keeps its number visible beside it;
+- no raw Markdown or LaTeX in the text (tables, ``$``-math, fences, roles);
+- every exercise's solution is hidden until its title is clicked, then shown.
+
+Search is tested over HTTP: a query returns results with text snippets.
+``SITE_SCREENSHOTS=DIR`` saves a screenshot of every page at both widths there.
 
 Without a built site or without Chromium the tests skip with the reason; with
 ``REQUIRE_SITE_TEST=1`` (as ``.ci/run`` sets it) they fail instead. Build the site
@@ -39,6 +49,12 @@ CHROMIUM_ARGS = [
 # Folders of assets, not pages; index.html is only a redirect (tested on its own).
 NOT_PAGES = {"_static", "_sources", "_images", "jupyter_execute"}
 TIMEOUT_MS = 30_000
+# (name, viewport): a laptop window and a phone
+WIDTHS = {
+    "1280px": {"width": 1280, "height": 900},
+    "390px": {"width": 390, "height": 844},
+}
+SCREENSHOTS = os.environ.get("SITE_SCREENSHOTS")
 
 
 def _site_pages() -> list[str]:
@@ -147,10 +163,13 @@ class PageLog:
 
 
 # Runs in the page after load: waits for MathJax, then reports what is wrong.
+# `fit` (true at 1280 px) requires display equations and code blocks to fit the
+# column without scrolling; otherwise they may scroll inside their own box.
 CHECK_PAGE_JS = r"""
-async () => {
+async (fit) => {
   const report = {mathjax: false, math: 0, untypeset: [], merror: 0, undefined: [],
-                  raw: [], images: 0, broken: []};
+                  raw: [], images: 0, broken: [], layout: [], exercises: 0,
+                  solutions: [], shown: []};
   report.math = document.querySelectorAll('.math').length;
   if (window.MathJax && window.MathJax.startup && window.MathJax.startup.promise) {
     report.mathjax = true;
@@ -166,14 +185,26 @@ async () => {
   report.undefined = Array.from(
     document.querySelectorAll('mjx-assistive-mml mtext[mathcolor="red"]'))
     .map((el) => el.textContent).filter((text) => text.startsWith('\\'));
-  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+
+  // Raw Markdown or LaTeX in the text a reader sees (code is allowed to show it).
+  const rawPatterns = [
+    ['LaTeX', /\$\$|\\\(|\\\[|\\begin\{/],
+    ['Markdown table', /(^|\n)\s*\|.*\|\s*($|\n)|\|\s*:?-{3,}:?\s*\|/],
+    ['$-math', /(^|[^\\\w$])\$[^$\s](?:[^$\n]*[^$\s\\])?\$(?![\w$])/],
+    ['code fence', /```/],
+    ['MyST role', /\{[a-z:-]+\}`/],
+    ['bold markers', /\*\*[^*\s][^*]*\*\*/],
+  ];
   const skip = 'PRE, CODE, SCRIPT, STYLE, TEXTAREA, MJX-CONTAINER, KBD, SAMP';
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
   for (let node = walker.nextNode(); node; node = walker.nextNode()) {
-    const text = node.textContent;
-    if (!/\$\$|\\\(|\\\[|\\begin\{/.test(text)) continue;
     if (node.parentElement && node.parentElement.closest(skip)) continue;
-    report.raw.push(text.trim().slice(0, 80));
+    const text = node.textContent;
+    for (const [what, pattern] of rawPatterns) {
+      if (pattern.test(text)) report.raw.push(`${what}: ${text.trim().slice(0, 80)}`);
+    }
   }
+
   const images = Array.from(document.images);
   report.images = images.length;
   await Promise.all(images.map((img) => {
@@ -182,42 +213,207 @@ async () => {
   }));
   report.broken = images.filter((img) => !(img.complete && img.naturalWidth > 0))
                         .map((img) => img.getAttribute('src'));
+
+  // Layout: the text column is the article; nothing may stick out of it unless
+  // it sits in a box that scrolls horizontally.
+  const article = document.querySelector('article.bd-article');
+  const page = document.scrollingElement;
+  if (page.scrollWidth > window.innerWidth + 1) {
+    report.layout.push(`the page scrolls sideways (${page.scrollWidth} px wide)`);
+  }
+  if (article) {
+    const col = article.getBoundingClientRect();
+    const inside = (r) => r.left >= col.left - 1 && r.right <= col.right + 1;
+    const scrolls = (el) => ['auto', 'scroll'].includes(getComputedStyle(el).overflowX);
+    const scrollBox = (el) => {
+      for (let e = el; e && e !== article; e = e.parentElement) {
+        if (scrolls(e)) return e;
+      }
+      return null;
+    };
+    const name = (el) => {
+      const labelled = el.closest('[id]');
+      const where = labelled ? `#${labelled.id}` : el.tagName.toLowerCase();
+      return `${where} "${el.textContent.trim().replace(/\s+/g, ' ').slice(0, 50)}"`;
+    };
+    for (const mjx of article.querySelectorAll('mjx-container[display="true"]')) {
+      const box = mjx.getBoundingClientRect();
+      const what = `equation ${name(mjx.closest('div.math') || mjx)}`;
+      if (!inside(box)) report.layout.push(`${what} sticks out of the column`);
+      if (mjx.scrollWidth > mjx.clientWidth + 1) {
+        if (fit) report.layout.push(`${what} is wider than the column`);
+        else if (!scrolls(mjx)) report.layout.push(`${what} is cut off`);
+      }
+      const eqno = mjx.parentElement.querySelector(':scope > span.eqno');
+      if (eqno) {
+        const num = eqno.getBoundingClientRect();
+        const overlaps = num.left < box.right - 1 && num.right > box.left + 1 &&
+                         num.top < box.bottom && num.bottom > box.top;
+        if (!inside(num) || num.width === 0) {
+          report.layout.push(`${what}: its number is not visible`);
+        } else if (overlaps) {
+          report.layout.push(`${what}: its number is drawn over the formula`);
+        }
+      }
+    }
+    for (const pre of article.querySelectorAll('pre')) {
+      const what = `code block ${name(pre)}`;
+      if (!inside(pre.getBoundingClientRect())) {
+        report.layout.push(`${what} sticks out of the column`);
+      }
+      if (pre.scrollWidth > pre.clientWidth + 1) {
+        if (fit) report.layout.push(`${what} scrolls sideways`);
+        else if (!scrollBox(pre)) report.layout.push(`${what} is cut off`);
+      }
+    }
+    // anything else: tables, images, long words
+    for (const el of article.querySelectorAll('*')) {
+      if (el.closest('mjx-container, pre')) continue;
+      const r = el.getBoundingClientRect();
+      if (r.width === 0 || inside(r)) continue;
+      if (scrollBox(el.parentElement || el)) continue;
+      const tag = el.tagName.toLowerCase();
+      report.layout.push(`${tag} ${name(el)} sticks out of the column`);
+      if (report.layout.length > 40) break;
+    }
+  }
+
+  // Exercises: every solution starts hidden.
+  const visible = (el) => el.getBoundingClientRect().height > 0 &&
+    el.checkVisibility({visibilityProperty: true, opacityProperty: true});
+  report.exercises = document.querySelectorAll('div.exercise').length;
+  for (const sol of document.querySelectorAll('div.solution')) {
+    report.solutions.push(sol.id);
+    const body = Array.from(sol.children)
+      .filter((c) => !c.classList.contains('admonition-title'));
+    if (body.length === 0 || body.some(visible)) {
+      report.shown.push(sol.id);
+    }
+  }
   return report;
 }
 """
 
+SOLUTION_SHOWN_JS = r"""
+(id) => {
+  const sol = document.getElementById(id);
+  const body = Array.from(sol.children)
+    .filter((c) => !c.classList.contains('admonition-title'));
+  const visible = (el) => el.getBoundingClientRect().height > 0 &&
+    el.checkVisibility({visibilityProperty: true, opacityProperty: true});
+  return body.length > 0 && body.every(visible);
+}
+"""
 
-@pytest.mark.parametrize("page_path", PAGES or ["<no pages>"])
-def test_page_renders_offline(server, browser, page_path):
-    """The page loads cleanly, its math is typeset and its images are decoded."""
-    if page_path == "<no pages>":
-        _unavailable(f"no HTML pages under {SITE}")
-    context = browser.new_context()
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    log = PageLog(page, server)
-    try:
-        page.goto(server + page_path, wait_until="load")
-        report = page.evaluate(CHECK_PAGE_JS)
-        # late requests (fonts MathJax asks for while typesetting) must succeed too
-        page.wait_for_load_state("networkidle")
-    finally:
-        context.close()
 
-    problems = list(log.problems)
+def _problems(report: dict) -> list[str]:
+    problems = []
     if report["math"] and not report["mathjax"]:
         problems.append(f"{report['math']} formulas but MathJax did not load")
     problems += [f"formula not typeset: {text!r}" for text in report["untypeset"]]
     if report["merror"]:
         problems.append(f"{report['merror']} MathJax errors (mjx-merror)")
     problems += [f"undefined LaTeX macro: {name}" for name in report["undefined"]]
-    problems += [f"raw LaTeX left in the text: {text!r}" for text in report["raw"]]
+    problems += [f"raw text: {text!r}" for text in report["raw"]]
     problems += [f"image not decoded: {src}" for src in report["broken"]]
+    problems += report["layout"]
+    problems += [f"solution {sol} is shown before a click" for sol in report["shown"]]
+    return problems
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("page_path", PAGES or ["<no pages>"])
+def test_page_as_a_reader_sees_it(server, browser, page_path, width):
+    """The page loads cleanly, is typeset, fits its column, hides its solutions.
+
+    A solution opens with the toggle button of its title.
+    """
+    if page_path == "<no pages>":
+        _unavailable(f"no HTML pages under {SITE}")
+    context = browser.new_context(viewport=WIDTHS[width])
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    log = PageLog(page, server)
+    try:
+        page.goto(server + page_path, wait_until="load")
+        report = page.evaluate(CHECK_PAGE_JS, width == "1280px")
+        # late requests (fonts MathJax asks for while typesetting) must succeed too
+        page.wait_for_load_state("networkidle")
+        if SCREENSHOTS:
+            shot = pathlib.Path(SCREENSHOTS) / width / (page_path[:-5] + ".png")
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shot))
+        # a click on its title shows each solution
+        not_opened = []
+        for sol in report["solutions"]:
+            if sol in report["shown"]:
+                continue
+            button = page.locator(f'[id="{sol}"] > .admonition-title button')
+            button.scroll_into_view_if_needed()
+            button.click()
+            page.wait_for_timeout(100)
+            if not page.evaluate(SOLUTION_SHOWN_JS, sol):
+                not_opened.append(sol)
+    finally:
+        context.close()
+
+    problems = list(log.problems) + _problems(report)
+    problems += [f"solution {sol} stays hidden after a click" for sol in not_opened]
+    if page_path.startswith("chapters/"):
+        if not report["exercises"]:
+            problems.append("a chapter without exercises")
+        if len(report["solutions"]) != report["exercises"]:
+            problems.append(
+                f"{report['exercises']} exercises but "
+                f"{len(report['solutions'])} solutions"
+            )
     if problems:
         shown = problems[:25]
         if len(problems) > 25:
             shown.append(f"... and {len(problems) - 25} more")
-        pytest.fail(f"{page_path}:\n  " + "\n  ".join(shown), pytrace=False)
+        pytest.fail(f"{page_path} at {width}:\n  " + "\n  ".join(shown), pytrace=False)
+
+
+def test_search_shows_results_with_snippets(server, browser):
+    """Over HTTP, searching finds pages and shows a snippet of each."""
+    context = browser.new_context(viewport=WIDTHS["1280px"])
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    log = PageLog(page, server)
+    try:
+        page.goto(server + "search.html?q=deformable+offsets", wait_until="load")
+        page.wait_for_selector("ul.search li p.context", state="attached")
+        page.wait_for_load_state("networkidle")
+        results = page.locator("ul.search li").count()
+        snippets = [
+            text.strip()
+            for text in page.locator("ul.search li p.context").all_inner_texts()
+        ]
+    finally:
+        context.close()
+    assert results >= 1, "no search results"
+    assert any(len(text) > 20 for text in snippets), f"no snippets: {snippets}"
+    assert not log.problems, "\n".join(log.problems)
+
+
+def test_sidebar_numbers_chapters_after_their_files(server, browser):
+    """The sidebar shows "N. Title" for chapters/NN_*.ipynb, numbered by the file."""
+    context = browser.new_context(viewport=WIDTHS["1280px"])
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(server + "book/intro.html", wait_until="load")
+        links = page.eval_on_selector_all(
+            "nav.bd-docs-nav a.reference",
+            "els => els.map(e => [e.getAttribute('href'), e.textContent.trim()])",
+        )
+    finally:
+        context.close()
+    chapters = [(href, text) for href, text in links if "chapters/" in href]
+    assert chapters, f"no chapter links in the sidebar: {links}"
+    for href, text in chapters:
+        number = int(href.split("chapters/")[1][:2])
+        assert text.startswith(f"{number}. "), f"{href} is listed as {text!r}"
 
 
 def test_index_redirects_to_landing_page(server, browser):
