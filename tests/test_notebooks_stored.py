@@ -9,9 +9,11 @@ kernel (``book/tools/execute_notebooks.py`` does that) and saved cleanly.
 
 from __future__ import annotations
 
+import base64
 import json
 import pathlib
 import re
+import struct
 
 import pytest
 
@@ -231,7 +233,11 @@ def _toc_files() -> list[str]:
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
     files = [toc["root"]]
     for part in toc.get("parts", []):
-        files += [entry["file"] for entry in part.get("chapters", [])]
+        entries = list(part.get("chapters", []))
+        while entries:
+            entry = entries.pop(0)
+            files.append(entry["file"])
+            entries += entry.get("sections", [])
     return files
 
 
@@ -373,3 +379,56 @@ def test_no_internal_label_in_the_text(path):
     assert not problems, f"{path.name}: labels written out as text:\n" + "\n".join(
         problems
     )
+
+
+# Figures fill at most the text column at 1280 px (652 px): 6.3 in at the style's
+# 100 dpi, plus the margin of the tight bounding box.
+MAX_FIGURE_WIDTH = 652
+
+
+def _png_size(data: str) -> tuple[int, int]:
+    header = base64.b64decode(data[:44])  # the IHDR chunk is in the first 24 bytes
+    return struct.unpack(">II", header[16:24])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_figures_are_sharp_legible_and_described(path):
+    """Every figure: retina PNG, no wider than the column, with an alt text.
+
+    ``refimpl.viz.use_book_style()`` stores figures at twice their display size
+    (the output's ``width`` metadata), so they stay sharp on high-density screens;
+    the cell's ``mystnb.image.alt`` metadata describes the figure for readers who
+    cannot see it (the page would otherwise use the file name).
+    """
+    problems = []
+    for i, cell in enumerate(_load(path)["cells"]):
+        for out in cell.get("outputs", []):
+            png = out.get("data", {}).get("image/png")
+            if png is None:
+                continue
+            shown = out.get("metadata", {}).get("image/png", {}).get("width")
+            width, _ = _png_size(_text(png))
+            if not shown or width < 2 * shown - 2:
+                problems.append(f"{_label(i, cell)}: {width} px PNG shown at {shown}")
+            elif shown > MAX_FIGURE_WIDTH:
+                problems.append(f"{_label(i, cell)}: {shown} px wide figure")
+            alt = cell.get("metadata", {}).get("mystnb", {}).get("image", {}).get("alt")
+            if not alt or len(alt) < 30:
+                problems.append(f"{_label(i, cell)}: no alt text (mystnb.image.alt)")
+    assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_execution_is_recorded_for_the_status_page(path):
+    """``execute_notebooks.py`` recorded the run the status page reports."""
+    status = _load(path)["metadata"].get("book_status", {})
+    missing = {
+        "execution_seconds",
+        "executed_on",
+        "machine",
+        "device",
+        "python",
+        "torch",
+    } - set(status)
+    assert not missing, f"{path.name}: book_status lacks {sorted(missing)}"
+    assert status["device"] == "cpu", f"{path.name}: outputs must be stored on a CPU"

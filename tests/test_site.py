@@ -27,6 +27,7 @@ import functools
 import http.server
 import os
 import pathlib
+import re
 import shutil
 import threading
 import urllib.parse
@@ -213,6 +214,22 @@ async (fit) => {
   }));
   report.broken = images.filter((img) => !(img.complete && img.naturalWidth > 0))
                         .map((img) => img.getAttribute('src'));
+  // drawn without distortion, and described: an alt text that is not a file name
+  for (const img of images) {
+    const box = img.getBoundingClientRect();
+    if (img.naturalWidth > 0 && box.width > 0) {
+      const drawn = box.height / box.width;
+      const natural = img.naturalHeight / img.naturalWidth;
+      if (Math.abs(drawn / natural - 1) > 0.02) {
+        report.layout.push(`image ${img.getAttribute('src')} is distorted`);
+      }
+    }
+    const alt = (img.getAttribute('alt') || '').trim();
+    const content = (img.getAttribute('src') || '').includes('_images/');
+    if (content && (alt.length < 15 || /\.(png|jpe?g|svg)$/.test(alt))) {
+      report.layout.push(`image ${img.getAttribute('src')} has no alt text: ${alt}`);
+    }
+  }
 
   // Layout: the text column is the article; nothing may stick out of it unless
   // it sits in a box that scrolls horizontally.
@@ -441,6 +458,67 @@ def test_every_toc_page_is_built():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [toc["root"]]
     for part in toc.get("parts", []):
-        files += [entry["file"] for entry in part["chapters"]]
+        entries = list(part.get("chapters", []))
+        while entries:
+            entry = entries.pop(0)
+            files.append(entry["file"])
+            entries += entry.get("sections", [])
     missing = [f for f in files if not (SITE / f"{f}.html").is_file()]
     assert not missing, f"pages in _toc.yml that were not built: {missing}"
+
+
+def test_downloads_are_served(server):
+    """The wheel and the zip of the chapters that the setup page links to."""
+    import io
+    import urllib.request
+    import zipfile
+
+    setup = (SITE / "book" / "setup.html").read_text(encoding="utf-8")
+    links = sorted(set(re.findall(r'href="\.\./(downloads/[^"]+)"', setup)))
+    assert len(links) == 2, f"setup page download links: {links}"
+    for link in links:
+        with urllib.request.urlopen(server + link) as response:
+            archive = zipfile.ZipFile(io.BytesIO(response.read()))
+        names = archive.namelist()
+        if link.endswith(".whl"):
+            assert "refimpl/__init__.py" in names, names
+        else:
+            chapters = [
+                n for n in names if n.startswith("dynamic-convolution/chapters/")
+            ]
+            built = [p.name for p in (ROOT / "chapters").glob("*.ipynb")]
+            assert sorted(n.rsplit("/", 1)[1] for n in chapters) == sorted(built)
+            assert "dynamic-convolution/refimpl/__init__.py" in names
+
+
+def test_status_page_reports_every_chapter():
+    """The status page: a row per chapter, with time, machine and versions."""
+    if not (SITE / "book" / "status.html").is_file():
+        _unavailable("the site is not built with its status page")
+    import json
+
+    page = (SITE / "book" / "status.html").read_text(encoding="utf-8")
+    page = page[page.index('<table class="status-table') :]  # not the sidebar
+    for notebook in sorted((ROOT / "chapters").glob("*.ipynb")):
+        status = json.loads(notebook.read_text(encoding="utf-8"))["metadata"][
+            "book_status"
+        ]
+        seconds = f"{status['execution_seconds']:.0f} s"
+        row = re.search(
+            rf'href="\.\./chapters/{notebook.stem}\.html".*?</tr>', page, re.S
+        )
+        assert row, f"no row for {notebook.name}"
+        assert seconds in row.group(0) and status["torch"] in row.group(0)
+    import importlib.metadata
+
+    torch = importlib.metadata.version("torch")
+    assert f"<p>{torch}</p>" in page, "the build's torch version is not listed"
+
+
+def test_api_pages_have_no_namedtuple_boilerplate():
+    """Named-tuple fields are documented by their docstrings, not "Alias for ..."."""
+    pages = sorted((SITE / "book" / "api").glob("*.html"))
+    if not pages:
+        _unavailable(f"the site is not built ({SITE / 'book' / 'api'} is missing)")
+    noisy = [p.name for p in pages if "Alias for field number" in p.read_text("utf-8")]
+    assert not noisy, f"API pages with named-tuple boilerplate: {noisy}"

@@ -8,15 +8,20 @@ Usage::
 Each notebook runs top to bottom in a fresh kernel whose working directory is
 ``chapters/`` (as in Jupyter Book and nbval). The stored notebook keeps no timing
 metadata, so re-running an unchanged notebook leaves the file unchanged apart
-from the outputs that really changed. Run it on a CPU: the stored outputs are the
-reference that nbval compares every later run against.
+from the outputs that really changed, and the notebook's ``book_status`` metadata:
+the seconds it took, the day, the machine, and the versions of Python and PyTorch
+(the book's status page, book/status.md, tabulates them). Run it on a CPU: the
+stored outputs are the reference that nbval compares every later run against.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import os
 import pathlib
+import platform
 import sys
 import time
 
@@ -24,6 +29,34 @@ import nbformat
 from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """The machine in words: CPU, core count, operating system."""
+    cores = os.cpu_count() or 1
+    return f"{_cpu_name()}, {cores} cores, {platform.system()} {platform.machine()}"
+
+
+def status(seconds: float) -> dict:
+    """What the status page shows about one execution."""
+    return {
+        "execution_seconds": round(seconds, 1),
+        "executed_on": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "device": "cpu",
+        "python": platform.python_version(),
+        "torch": importlib.metadata.version("torch"),
+    }
 
 
 def execute(path: pathlib.Path, timeout: int = 900) -> float:
@@ -51,6 +84,7 @@ def execute(path: pathlib.Path, timeout: int = 900) -> float:
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
     nb.metadata.pop("widgets", None)
+    nb.metadata["book_status"] = status(seconds)
     nbformat.write(nb, path)
     return seconds
 
