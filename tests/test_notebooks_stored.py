@@ -393,12 +393,14 @@ def _png_size(data: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
 def test_figures_are_sharp_legible_and_described(path):
-    """Every figure: retina PNG, no wider than the column, with an alt text.
+    """Every figure: retina PNG, no wider than the column, numbered, described.
 
     ``refimpl.viz.use_book_style()`` stores figures at twice their display size
     (the output's ``width`` metadata), so they stay sharp on high-density screens;
     the cell's ``mystnb.image.alt`` metadata describes the figure for readers who
-    cannot see it (the page would otherwise use the file name).
+    cannot see it (the page would otherwise use the file name), and
+    ``mystnb.figure`` gives it a caption and a name, so that it is numbered
+    (Figure N.k) and the text refers to it with {numref}.
     """
     problems = []
     for i, cell in enumerate(_load(path)["cells"]):
@@ -412,9 +414,19 @@ def test_figures_are_sharp_legible_and_described(path):
                 problems.append(f"{_label(i, cell)}: {width} px PNG shown at {shown}")
             elif shown > MAX_FIGURE_WIDTH:
                 problems.append(f"{_label(i, cell)}: {shown} px wide figure")
-            alt = cell.get("metadata", {}).get("mystnb", {}).get("image", {}).get("alt")
+            mystnb = cell.get("metadata", {}).get("mystnb", {})
+            alt = mystnb.get("image", {}).get("alt")
             if not alt or len(alt) < 30:
                 problems.append(f"{_label(i, cell)}: no alt text (mystnb.image.alt)")
+            figure = mystnb.get("figure", {})
+            name = figure.get("name", "")
+            if not figure.get("caption") or not name.startswith(
+                f"fig-ch{path.name[:2]}-"
+            ):
+                problems.append(
+                    f"{_label(i, cell)}: no numbered figure (mystnb.figure.caption and "
+                    f"a name fig-ch{path.name[:2]}-...)"
+                )
     assert not problems, f"{path.name}:\n" + "\n".join(problems)
 
 

@@ -34,4 +34,5 @@ fi
 
 "$BIN/jupyter-book" build . --warningiserror --nitpick --keep-going
 echo
-echo "Open the book: file://$ROOT/_build/html/index.html"
+echo "Serve the book and open http://127.0.0.1:8000 (search needs HTTP):"
+echo "    $BIN/python -m http.server -d _build/html"
