@@ -295,6 +295,15 @@ async (fit) => {
     }
   }
 
+  // At 1280 px the "on this page" list shows each name on one line, unbroken.
+  if (fit) {
+    for (const code of document.querySelectorAll('.bd-sidebar-secondary code')) {
+      if (code.getClientRects().length > 1) {
+        report.layout.push(`contents entry broken over lines: ${code.textContent}`);
+      }
+    }
+  }
+
   // Exercises: every solution starts hidden.
   const visible = (el) => el.getBoundingClientRect().height > 0 &&
     el.checkVisibility({visibilityProperty: true, opacityProperty: true});
