@@ -21,6 +21,9 @@ from ._conv import check_convertible
 __all__ = [
     "convert_conv2d",
     "count_parameters",
+    "ddf_resnet",
+    "is_bottleneck_3x3",
+    "PUBLISHED_DDF_RESNET_PARAMS",
     "is_bottleneck_conv",
     "paper_resnet50",
     "PUBLISHED_RESNET50_PARAMS",
@@ -35,6 +38,17 @@ PUBLISHED_RESNET50_PARAMS = {
     "+ ODConv (4x)": 90.67,
 }
 
+#: Parameter counts in millions in the DDF authors' README (theFoxofSky/ddfnet,
+#: table of ImageNet results); "mul" and "add" models have the same counts.
+#: Precision: one decimal.
+PUBLISHED_DDF_RESNET_PARAMS = {
+    "ddf_mul_resnet50": 16.8,
+    "ddf_add_resnet50": 16.8,
+    "ddf_mul_resnet101": 28.1,
+    "ddf_add_resnet101": 28.1,
+}
+
+_BOTTLENECK_3X3 = re.compile(r"layer[1-4]\.\d+\.conv2")
 _BOTTLENECK = re.compile(r"layer[1-4]\.\d+\.conv[123]")
 
 
@@ -216,3 +230,64 @@ def paper_resnet50(
     return convert_conv2d(
         resnet50(weights=None, num_classes=num_classes), factory, is_bottleneck_conv
     )
+
+
+def is_bottleneck_3x3(name: str, conv: nn.Conv2d) -> bool:
+    """Whether ``name`` is ``conv2``, the 3x3 convolution, of a ResNet bottleneck.
+
+    The layers the official DDF-ResNets replace (theFoxofSky/ddfnet,
+    ``ddf_resnet.py``: the bottleneck's ``conv2`` becomes a ``DDFPack``, which
+    carries the block's stride); everything else stays as it is.
+    """
+    return _BOTTLENECK_3X3.fullmatch(name) is not None
+
+
+def ddf_resnet(
+    depth: int = 50,
+    combine: str = "mul",
+    *,
+    se_ratio: float = 0.2,
+    num_classes: int = 1000,
+) -> nn.Module:
+    """The official DDF-ResNet (``ddf_{mul,add}_resnet{50,101}``), from torchvision.
+
+    Builds ``torchvision.models.resnet50`` / ``resnet101`` (``weights=None``) and
+    replaces the 3x3 ``conv2`` of every bottleneck (:func:`is_bottleneck_3x3`) by
+    :class:`refimpl.ddf.DDFConv2d` with ``kernel_size=3``, the block's stride and
+    ``se_ratio``, as theFoxofSky/ddfnet ``ddf_resnet.py`` does on timm's ResNet
+    (whose layers and parameter count are torchvision's: stride on the 3x3, no
+    anti-aliasing, dilation 1). Stem, 1x1 convolutions, shortcut projections and
+    classifier are unchanged. The dense 3x3 becomes a depthwise dynamic filter, so
+    nothing of it is preserved (``preserve=False``): the models train from scratch.
+
+    Parameter counts equal the official builds': 16.8M (ResNet-50) and 28.1M
+    (ResNet-101) in the authors' README, for either ``combine`` (chapter 5 counts
+    them to the unit).
+
+    Args:
+        depth: 50 or 101.
+        combine: ``"mul"`` or ``"add"``.
+        se_ratio: hidden width of the channel branches over their channels.
+        num_classes: size of the classifier.
+
+    Returns:
+        The network, in training mode, on the CPU in float32.
+    """
+    from torchvision.models import resnet50, resnet101  # only needed here
+
+    from ._validation import check_positive_int
+    from .ddf import DDFConv2d
+
+    owner = "ddf_resnet"
+    builders = {50: resnet50, 101: resnet101}
+    if depth not in builders or isinstance(depth, bool):
+        raise ValueError(f"{owner} expected depth 50 or 101, got {depth!r}")
+    check_positive_int(num_classes, "num_classes", owner=owner)
+
+    def factory(conv: nn.Conv2d) -> nn.Module:
+        return DDFConv2d.from_conv2d(
+            conv, preserve=False, combine=combine, se_ratio=se_ratio
+        )
+
+    model = builders[depth](weights=None, num_classes=num_classes)
+    return convert_conv2d(model, factory, is_bottleneck_3x3)
