@@ -238,6 +238,70 @@ register("odconv_1x")(_odconv_case(1))
 register("odconv_4x")(_odconv_case(4))
 
 
+# --- chapter 5: DDF ---------------------------------------------------------------
+
+
+def _depthwise_channels(spec: BenchSpec) -> int:
+    if spec.in_channels != spec.out_channels:
+        raise SkipCase(
+            f"depthwise: needs in_channels == out_channels, got "
+            f"{spec.in_channels} -> {spec.out_channels}"
+        )
+    if spec.kernel_size % 2 == 0:
+        raise SkipCase(f"needs an odd kernel size, got {spec.kernel_size}")
+    return spec.in_channels
+
+
+@register("conv2d_depthwise")
+def _conv2d_depthwise(spec: BenchSpec, device, dtype) -> Case:
+    c, k = _depthwise_channels(spec), spec.kernel_size
+    conv = nn.Conv2d(
+        c, c, k, padding=k // 2, groups=c, bias=False, device=device, dtype=dtype
+    )
+    return _module_case(conv, "nn.Conv2d, depthwise (groups=C), no bias")
+
+
+def _ddf_case(combine: str, compiled: bool = False):
+    # The operator alone, on fixed random filters that require grad (what the
+    # two branches of DDFConv2d would predict), as the official test_time.py
+    # times the raw op next to the layer.
+    def factory(spec: BenchSpec, device, dtype) -> Case:
+        from .ddf import ddf
+
+        c, k = _depthwise_channels(spec), spec.kernel_size
+        g = torch.Generator().manual_seed(2)
+        channel = torch.randn(spec.batch, c, k, k, generator=g) / k
+        spatial = torch.randn(spec.batch, k * k, spec.size, spec.size, generator=g) / k
+        channel = channel.to(device=device, dtype=dtype).requires_grad_()
+        spatial = spatial.to(device=device, dtype=dtype).requires_grad_()
+
+        def run(x):
+            return ddf(x, channel, spatial, k, combine=combine)
+
+        note = f"refimpl.ddf.ddf, combine={combine!r}, fixed random filters"
+        if compiled:
+            run = torch.compile(run, dynamic=False)
+            note += ", torch.compile"
+        return Case(fn=run, params=[channel, spatial], note=note)
+
+    return factory
+
+
+register("ddf")(_ddf_case("mul"))
+register("ddf_add")(_ddf_case("add"))
+register("ddf_compiled")(_ddf_case("mul", compiled=True))
+
+
+@register("DDFConv2d")
+def _ddf_module(spec: BenchSpec, device, dtype) -> Case:
+    from .ddf import DDFConv2d
+
+    layer = DDFConv2d(
+        _depthwise_channels(spec), spec.kernel_size, device=device, dtype=dtype
+    )
+    return _module_case(layer, "refimpl DDFConv2d, mul, predicts both filters")
+
+
 # --- chapter 6: deformable convolution --------------------------------------------
 
 
@@ -876,9 +940,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=_positive_int, default=None, help="torch CPU threads"
     )
+    parser.add_argument(
+        "--baseline",
+        default="conv2d",
+        help="case the ratios are taken to (default: conv2d; DDF is compared with "
+        "conv2d_depthwise)",
+    )
     args = parser.parse_args(argv)
-    names = args.ops or [n for n in CASES if n != "conv2d"]
-    unknown = [n for n in names if n not in CASES]
+    names = args.ops or [n for n in CASES if n != args.baseline]
+    unknown = [n for n in [*names, args.baseline] if n not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu", "cuda"]}[args.device]
@@ -904,6 +974,7 @@ def main(argv: list[str] | None = None) -> int:
             device,
             getattr(torch, args.dtype),
             args.min_run_time,
+            baseline=args.baseline,
             rounds=args.rounds,
             progress=progress,
         )

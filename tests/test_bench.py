@@ -83,7 +83,8 @@ def caller_untouched(monkeypatch):
 def test_every_case_runs_and_ratios_are_relative_to_the_baseline(caller_untouched):
     """Every case runs, peak memory included (in fresh processes on Linux), and
     the calling process never changes its own allocator or /proc settings."""
-    names = [n for n in bench.CASES if n != "conv2d"]
+    # ddf_compiled would spend most of the test in Inductor; see its own test
+    names = [n for n in bench.CASES if n not in ("conv2d", "ddf_compiled")]
     lines = []
     rows = bench.run(
         names, TINY, CPU, min_run_time=0.01, rounds=1, progress=lines.append
@@ -269,3 +270,26 @@ def test_run_checks_its_arguments():
 def test_registering_a_name_twice_is_an_error():
     with pytest.raises(ValueError, match="registered twice"):
         bench.register("conv2d")(lambda spec, device, dtype: None)
+
+
+def test_the_compiled_ddf_case_is_the_eager_one_compiled(monkeypatch):
+    compiled, real_compile = [], torch.compile
+
+    def fake_compile(fn, **kwargs):  # record, then compile without Inductor
+        compiled.append(kwargs)
+        return real_compile(fn, backend="eager", **kwargs)
+
+    eager = bench.CASES["ddf"](TINY, CPU, torch.float32)
+    monkeypatch.setattr(bench.torch, "compile", fake_compile)
+    case = bench.CASES["ddf_compiled"](TINY, CPU, torch.float32)
+    assert compiled == [{"dynamic": False}] and "torch.compile" in case.note
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(case.fn(x), eager.fn(x))
+    torch._dynamo.reset()
+
+
+def test_depthwise_cases_skip_other_shapes():
+    spec = bench.BenchSpec(batch=2, in_channels=4, out_channels=6, size=8)
+    for name in ("conv2d_depthwise", "ddf", "DDFConv2d"):
+        with pytest.raises(bench.SkipCase, match="needs in_channels == out_channels"):
+            bench.CASES[name](spec, CPU, torch.float32)
