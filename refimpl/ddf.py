@@ -70,6 +70,7 @@ COMBINES = ("mul", "add")
 # overhead (measured on the book's 2-core CPU).
 _BLOCK_ELEMENTS = 1 << 19
 _MIN_BLOCK_ELEMENTS = 1 << 16
+_GPU_BLOCK_ELEMENTS = 1 << 22
 
 
 # --- sizes and checks ---------------------------------------------------------------
@@ -230,10 +231,20 @@ class _Geometry(NamedTuple):
     mul: bool
 
 
-def _blocks(n: int, heads: int, channels: int, rows: int, cols: int):
-    """Channel ranges of one head, each holding about ``_BLOCK_ELEMENTS`` elements."""
+def _blocks(n: int, heads: int, channels: int, rows: int, cols: int, device):
+    """Channel ranges of one head, each holding a block of elements.
+
+    On the CPU a block fits the cache (``_BLOCK_ELEMENTS``); on an accelerator,
+    where every operation is a kernel launch and there is no cache to fit, a
+    block is a quarter of the whole (at least ``_GPU_BLOCK_ELEMENTS``), which
+    keeps the temporaries small next to the output with a few dozen launches.
+    """
     per_channel = max(n * heads * rows * cols, 1)
-    budget = min(_BLOCK_ELEMENTS, max(_MIN_BLOCK_ELEMENTS, per_channel * channels // 8))
+    whole = per_channel * channels
+    if device.type == "cpu":
+        budget = min(_BLOCK_ELEMENTS, max(_MIN_BLOCK_ELEMENTS, whole // 8))
+    else:
+        budget = max(_GPU_BLOCK_ELEMENTS, whole // 4)
     size = max(1, min(channels, budget // per_channel))
     return [(start, min(start + size, channels)) for start in range(0, channels, size)]
 
@@ -285,7 +296,7 @@ def _ddf_forward(x, channel, spatial, geo: _Geometry) -> Tensor:
     ch = channel.reshape(n, heads, cg, k * k, 1, 1)
     out = x.new_empty(n, heads, cg, h_out, w_out)
     rows = h + 2 * geo.padding[0] + 1
-    for start, stop in _blocks(n, heads, cg, rows, w + 2 * geo.padding[1]):
+    for start, stop in _blocks(n, heads, cg, rows, w + 2 * geo.padding[1], x.device):
         padded = _padded(x5[:, :, start:stop], geo)
         acc = torch.zeros(
             n, heads, stop - start, h_out, width, dtype=acc_dtype, device=x.device
@@ -336,7 +347,7 @@ def _ddf_backward(grad, x, channel, spatial, geo: _Geometry, needs):
         n, heads, k * k, h_out, w_out, dtype=acc_dtype, device=x.device
     )
     rows, pixels = h + 2 * ph + 1, h_out * w_out
-    for start, stop in _blocks(n, heads, cg, rows, w + 2 * pw):
+    for start, stop in _blocks(n, heads, cg, rows, w + 2 * pw, x.device):
         padded = _padded(x5[:, :, start:stop], geo)
         gb = g5[:, :, start:stop].to(acc_dtype)
         grad_padded = torch.zeros(padded.shape, dtype=acc_dtype, device=x.device)
