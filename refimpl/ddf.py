@@ -527,9 +527,11 @@ def filter_norm(filters: Tensor, dim: int, scale: Tensor | float) -> Tensor:
     the fixed ``gain / k`` of spatial filters or the learnable per-(channel, tap)
     scale of channel filters (broadcast against ``filters``).
 
-    Why (chapter 5): the predicted filters start with arbitrary means and scales;
-    without the normalisation their magnitude drifts with the input, and training
-    a DDF network is unstable.
+    Why (chapter 5): without it both filters are linear in the layer's input, so
+    a ``"mul"`` layer's output grows much faster than its input's scale (chapter
+    5 measures the exponent); normalised filters depend on the input's pattern
+    only, and the layer scales like a convolution. The paper motivates it by the
+    unstable training of unnormalised dynamic filters.
     """
     taps = filters.shape[dim]
     centred = filters - filters.mean(dim, keepdim=True)

@@ -25,6 +25,7 @@ __all__ = [
     "plot_image_grid",
     "plot_sliding_window",
     "role_handles",
+    "plot_pixel_filters",
 ]
 
 
@@ -391,3 +392,97 @@ def role_handles() -> list:
 
 def _fmt(a: int, b: int) -> str:
     return str(a) if a == b else f"({a},{b})"
+
+
+def plot_pixel_filters(
+    image,
+    spatial_filter,
+    pixels,
+    *,
+    suptitle: str | None = None,
+    panel_size: float = 1.6,
+):
+    """Draw the per-pixel filters a dynamic layer predicts, at a few pixels.
+
+    Left: ``image`` with each pixel of ``pixels`` marked by its number. Right: the
+    ``k x k`` filter predicted at each of those pixels (tap ``(u, v)`` is channel
+    ``u * k + v`` of ``spatial_filter``, as in :func:`refimpl.ddf.ddf`), on a colour
+    scale centred on zero and shared by the panels. Chapter 5 uses it for the
+    spatial filters of a trained DDF layer.
+
+    Args:
+        image: ``Tensor[H, W]``, the picture on which the pixels are marked (the
+            input the filters were predicted from, or a clean version of it).
+        spatial_filter: ``Tensor[k * k, H, W]``, one filter per pixel (one head of
+            a DDF spatial filter, for one sample).
+        pixels: ``(row, column)`` pairs, each inside the image.
+        suptitle: title of the whole figure.
+        panel_size: inches per filter panel.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        ValueError: if ``image`` is not 2-D, ``spatial_filter`` is not
+            ``[k * k, H, W]`` for a whole ``k``, ``pixels`` is empty, or a pixel
+            lies outside the image.
+    """
+    import math
+
+    import matplotlib.pyplot as plt
+
+    owner = "plot_pixel_filters"
+    picture, filters = _as_array(image), _as_array(spatial_filter)
+    if picture.ndim != 2:
+        raise ValueError(
+            f"{owner} expected a 2-D image, got shape {tuple(picture.shape)}"
+        )
+    h, w = picture.shape
+    k = math.isqrt(filters.shape[0]) if filters.ndim == 3 else 0
+    if filters.ndim != 3 or k * k != filters.shape[0] or filters.shape[1:] != (h, w):
+        raise ValueError(
+            f"{owner} expected spatial_filter of shape [k * k, {h}, {w}], got "
+            f"{tuple(filters.shape)}"
+        )
+    pixels = [tuple(int(v) for v in p) for p in pixels]
+    if not pixels:
+        raise ValueError(f"{owner} expected at least one pixel, got none")
+    for r, c in pixels:
+        if not (0 <= r < h and 0 <= c < w):
+            raise ValueError(
+                f"{owner} expected pixels inside the {h}x{w} image, got {(r, c)}"
+            )
+    n = len(pixels)
+    fig, axes = plt.subplots(
+        1,
+        n + 1,
+        figsize=(panel_size * (n + 2.2), panel_size * 1.6),
+        gridspec_kw={"width_ratios": [2] + [1] * n},
+    )
+    axes[0].imshow(picture, cmap="gray")
+    for i, (r, c) in enumerate(pixels, 1):
+        axes[0].text(
+            c,
+            r,
+            str(i),
+            ha="center",
+            va="center",
+            fontsize=9,
+            fontweight="bold",
+            color="black",
+            bbox={"boxstyle": "circle,pad=0.15", "facecolor": COLORS["kernel"]},
+        )
+    axes[0].set_xticks([])
+    axes[0].set_yticks([])
+    axes[0].set_title("input")
+    chosen = [filters[:, r, c].reshape(k, k) for r, c in pixels]
+    bound = max(float(abs(f).max()) for f in chosen) or 1.0
+    for i, (ax, f, (r, c)) in enumerate(zip(axes[1:], chosen, pixels), 1):
+        shown = ax.imshow(f, cmap="RdBu_r", vmin=-bound, vmax=bound)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{i}: ({r}, {c})")
+    fig.colorbar(shown, ax=list(axes[1:]), shrink=0.8, label="filter tap")
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig

@@ -11,12 +11,18 @@ from torch import nn
 
 from refimpl.dynamic_conv import DynamicConv2d, set_temperature, temperature_schedule
 from refimpl.toy import (
+    DenoisingData,
+    DenoisingHistory,
     History,
     TinyCNN,
+    TinyDenoiser,
     ToyData,
+    denoising_mse,
     evaluate,
     make_oriented_textures,
+    make_patchwork_denoising,
     train,
+    train_denoiser,
 )
 
 
@@ -241,3 +247,160 @@ def test_train_errors(kwargs, error, message):
     }
     with pytest.raises(error, match=message):
         train(TinyCNN(width=1), **args)
+
+
+# --- the denoising task -------------------------------------------------------------
+
+
+def _denoising(seed=0, **kwargs):
+    kwargs = {"num_train": 24, "num_test": 16, "size": 12, **kwargs}
+    return make_patchwork_denoising(
+        generator=torch.Generator().manual_seed(seed), **kwargs
+    )
+
+
+def _depthwise(channels):
+    return nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+
+
+def test_denoising_data_is_deterministic_and_shaped():
+    a, b, c = _denoising(1), _denoising(1), _denoising(2)
+    for name in ("train_x", "train_y", "test_x", "test_y", "test_orientation"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert not torch.equal(a.train_y, c.train_y)
+    assert a.train_x.shape == a.train_y.shape == (24, 1, 12, 12)
+    assert a.test_x.shape == a.test_y.shape == (16, 1, 12, 12)
+    assert a.test_orientation.shape == (16, 12, 12)
+    assert a.train_x.dtype == a.train_y.dtype == torch.float32
+    moved = a.to("cpu")
+    assert isinstance(moved, DenoisingData) and torch.equal(moved.test_y, a.test_y)
+
+
+def test_denoising_noise_and_patchwork():
+    d = _denoising(num_train=400, num_test=8, size=16, noise=0.5, regions=3)
+    # the input is the clean image plus noise of the requested deviation
+    residual = d.train_x - d.train_y
+    assert abs(residual.std().item() - 0.5) < 0.01
+    assert abs(residual.mean().item()) < 0.01
+    assert d.train_y.abs().max() <= 1.2 + 1e-6
+    # at most `regions` orientations per image, constant on each cell
+    theta = d.test_orientation
+    assert ((theta >= 0) & (theta < math.pi)).all()
+    counts = [len(torch.unique(t)) for t in theta]
+    assert max(counts) <= 3 and min(counts) >= 1
+    one = _denoising(regions=1, num_test=4)
+    assert all(len(torch.unique(t)) == 1 for t in one.test_orientation)
+
+
+def _roughness(img, direction):
+    """Mean squared difference of pixels two steps apart along (dy, dx)."""
+    size = img.shape[-1]
+    dy, dx = (round(2 * v) for v in direction)
+    a = img[max(dy, 0) : size + min(dy, 0), max(dx, 0) : size + min(dx, 0)]
+    b = img[max(-dy, 0) : size + min(-dy, 0), max(-dx, 0) : size + min(-dx, 0)]
+    return (a - b).square().mean().item()
+
+
+def test_denoising_stripes_follow_the_orientation():
+    # with one region the clean image is a grating whose phase grows along
+    # (dy, dx) = (sin theta, cos theta): constant along (cos theta, -sin theta)
+    d = _denoising(regions=1, num_test=6, size=32)
+    for img, theta in zip(d.test_y[:, 0], d.test_orientation[:, 0, 0]):
+        t = theta.item()
+        along = (math.cos(t), -math.sin(t))
+        across = (math.sin(t), math.cos(t))
+        assert _roughness(img, along) < _roughness(img, across)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"generator": 0}, TypeError, "generator to be a torch.Generator"),
+        ({"num_train": 0}, ValueError, "num_train >= 1"),
+        ({"size": 3}, ValueError, "size >= 4"),
+        ({"regions": 0}, ValueError, "regions >= 1"),
+        ({"noise": 0.0}, ValueError, "noise > 0"),
+        ({"num_test": 2.0}, TypeError, "num_test to be an int"),
+    ],
+)
+def test_denoising_data_errors(kwargs, error, message):
+    kwargs = {"generator": torch.Generator().manual_seed(0), **kwargs}
+    with pytest.raises(error, match="^make_patchwork_denoising expected " + message):
+        make_patchwork_denoising(**kwargs)
+
+
+def test_tiny_denoiser_layout():
+    built = []
+
+    def factory(channels):
+        built.append(channels)
+        return _depthwise(channels)
+
+    model = TinyDenoiser(factory, width=6, depth=3)
+    assert built == [6, 6, 6]
+    assert model.head[0].kernel_size == (1, 1)
+    x = torch.randn(2, 1, 9, 11)
+    assert model(x).shape == x.shape
+    # a zero tail makes the denoiser the identity: it predicts the noise
+    nn.init.zeros_(model.tail.weight)
+    nn.init.zeros_(model.tail.bias)
+    assert torch.equal(model(x), x)
+    with pytest.raises(TypeError, match="^TinyDenoiser expected spatial_factory"):
+        TinyDenoiser(3)
+    with pytest.raises(ValueError, match="^TinyDenoiser expected depth >= 1"):
+        TinyDenoiser(_depthwise, depth=0)
+
+
+def test_train_denoiser_learns_and_is_reproducible():
+    data = _denoising(num_train=64, num_test=32, size=12)
+
+    def run():
+        torch.manual_seed(0)
+        model = TinyDenoiser(_depthwise, width=8)
+        history = train_denoiser(
+            model,
+            data,
+            epochs=3,
+            lr=1e-2,
+            batch_size=16,
+            generator=torch.Generator().manual_seed(0),
+        )
+        return model, history
+
+    model, history = run()
+    _, again = run()
+    assert isinstance(history, DenoisingHistory)
+    assert len(history.train_loss) == len(history.test_mse) == 3
+    assert history.test_mse == again.test_mse
+    assert history.test_mse[-1] < history.test_mse[0]
+    expected = (data.test_x - data.test_y).double().square().mean().item()
+    assert history.noise_mse == pytest.approx(expected)
+    assert history.test_mse[-1] == pytest.approx(
+        denoising_mse(model, data.test_x, data.test_y)
+    )
+    gain = 10 * math.log10(history.noise_mse / history.test_mse[-1])
+    assert history.gain_db == pytest.approx(gain)
+    assert model.training  # denoising_mse restores the mode
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"epochs": 0}, ValueError, "epochs >= 1"),
+        ({"lr": 0.0}, ValueError, "lr > 0"),
+        ({"generator": None}, TypeError, "generator to be a torch.Generator"),
+        ({"data": "x"}, TypeError, "data to be a DenoisingData"),
+    ],
+)
+def test_train_denoiser_errors(kwargs, error, message):
+    kwargs = {
+        "data": _denoising(),
+        "epochs": 1,
+        "lr": 1e-3,
+        "batch_size": 8,
+        "generator": torch.Generator(),
+        **kwargs,
+    }
+    data = kwargs.pop("data")
+    with pytest.raises(error, match="^train_denoiser expected " + message):
+        train_denoiser(TinyDenoiser(_depthwise, width=4), data, **kwargs)

@@ -109,3 +109,51 @@ def test_role_handles_and_heatmap_axes():
     assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("f_x", "f_y", "t")
     assert len(ax.get_xticks()) > 0  # with an extent the ticks stay
     assert fig.axes[1].get_ylabel() == "|K|"  # the colour bar
+
+
+def test_pixel_filters_marks_pixels_and_draws_their_filters():
+    k, h, w = 3, 6, 7
+    filters = torch.arange(k * k * h * w, dtype=torch.float64).reshape(k * k, h, w)
+    pixels = [(0, 0), (2, 5), (5, 6)]
+    fig = viz.plot_pixel_filters(torch.zeros(h, w), filters, pixels, suptitle="s")
+    image_ax, *filter_axes = fig.axes[: 1 + len(pixels)]
+    marks = [t.get_text() for t in image_ax.texts]
+    assert marks == ["1", "2", "3"]
+    assert [ax.get_title() for ax in filter_axes] == [
+        "1: (0, 0)",
+        "2: (2, 5)",
+        "3: (5, 6)",
+    ]
+    for ax, (r, c) in zip(filter_axes, pixels):
+        shown = ax.get_images()[0].get_array()
+        assert shown.shape == (k, k)
+        # tap (u, v) is channel u * k + v of the spatial filter
+        assert shown[1, 2] == filters[1 * k + 2, r, c]
+        assert ax.get_images()[0].norm.vmin == -ax.get_images()[0].norm.vmax
+    assert fig.axes[-1].get_ylabel() == "filter tap"  # one shared colour bar
+    assert fig._suptitle.get_text() == "s"
+
+
+@pytest.mark.parametrize(
+    "image, filters, pixels, message",
+    [
+        ((2, 3, 3), (9, 3, 3), [(0, 0)], r"a 2-D image, got shape \(2, 3, 3\)"),
+        (
+            (3, 3),
+            (8, 3, 3),
+            [(0, 0)],
+            r"spatial_filter of shape \[k \* k, 3, 3\], got \(8, 3, 3\)",
+        ),
+        (
+            (3, 3),
+            (9, 3, 4),
+            [(0, 0)],
+            r"spatial_filter of shape \[k \* k, 3, 3\], got \(9, 3, 4\)",
+        ),
+        ((3, 3), (9, 3, 3), [], "at least one pixel"),
+        ((3, 3), (9, 3, 3), [(3, 0)], r"pixels inside the 3x3 image, got \(3, 0\)"),
+    ],
+)
+def test_pixel_filters_errors(image, filters, pixels, message):
+    with pytest.raises(ValueError, match="^plot_pixel_filters expected " + message):
+        viz.plot_pixel_filters(torch.zeros(image), torch.zeros(filters), pixels)
