@@ -486,3 +486,122 @@ def plot_pixel_filters(
     if suptitle:
         fig.suptitle(suptitle)
     return fig
+
+
+def _diagram_box(ax, x: float, y: float, text: str, *, color: str, dashed=False):
+    """A rounded box centred at ``(x, y)`` (axes fraction) holding ``text``."""
+    ax.text(
+        x,
+        y,
+        text,
+        ha="center",
+        va="center",
+        fontsize=8.5,
+        transform=ax.transAxes,
+        bbox={
+            "boxstyle": "round,pad=0.45",
+            "facecolor": color,
+            "edgecolor": "0.3",
+            "linestyle": "--" if dashed else "-",
+        },
+    )
+
+
+def _diagram_arrow(ax, start, end) -> None:
+    ax.annotate(
+        "",
+        xy=end,
+        xytext=start,
+        xycoords="axes fraction",
+        arrowprops={"arrowstyle": "->", "color": "0.25", "lw": 1.2},
+    )
+
+
+def draw_ddf_diagram(combine: str = "mul"):
+    """The data path of a DDF layer (chapter 5), as a box-and-arrow diagram.
+
+    The input feeds two branches: the spatial branch (a 1x1 convolution with the
+    layer's stride, then FilterNorm) predicts one ``k x k`` filter per output
+    pixel, shared by the channels; the channel branch (global average pooling,
+    two fully connected layers, FilterNorm with a learnable scale) predicts one
+    ``k x k`` filter per channel, shared by the pixels. They are combined by a
+    product (``"mul"``) or a sum (``"add"``) inside the depthwise filtering of
+    the input, which :func:`refimpl.ddf.ddf` does tap by tap, so that the
+    per-pixel, per-channel filter (dashed) is never stored.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        ValueError: ``combine`` is not ``"mul"`` or ``"add"``.
+    """
+    import matplotlib.pyplot as plt
+
+    if combine not in ("mul", "add"):
+        raise ValueError(
+            f"draw_ddf_diagram expected combine 'mul' or 'add', got {combine!r}"
+        )
+    sign = "\u2299" if combine == "mul" else "+"
+    fig, ax = plt.subplots(figsize=(8.4, 3.4))
+    ax.set_axis_off()
+    data, branch, result = "#dbe9f6", "#fbe3c8", "#d9efd9"
+    _diagram_box(ax, 0.07, 0.5, "input X\n[N, C, H, W]", color=data)
+    _diagram_box(
+        ax,
+        0.33,
+        0.82,
+        "spatial branch\n1x1 conv (stride s)\n-> FilterNorm (gain/k)",
+        color=branch,
+    )
+    _diagram_box(
+        ax,
+        0.33,
+        0.18,
+        "channel branch\nGAP -> FC -> ReLU -> FC\n-> FilterNorm (x scale)",
+        color=branch,
+    )
+    _diagram_box(
+        ax, 0.6, 0.82, "spatial filter\n[N, k*k, H', W']\nper pixel", color=data
+    )
+    _diagram_box(ax, 0.6, 0.18, "channel filter\n[N, C, k, k]\nper channel", color=data)
+    _diagram_box(
+        ax,
+        0.6,
+        0.5,
+        f"per-pixel filter\nchannel {sign} spatial\n[N, C, k*k, H', W']"
+        "\n(never stored)",
+        color="white",
+        dashed=True,
+    )
+    _diagram_box(
+        ax,
+        0.88,
+        0.5,
+        "depthwise filtering\nof X, tap by tap\n-> output [N, C, H', W']",
+        color=result,
+    )
+    for start, end in [
+        ((0.13, 0.56), (0.23, 0.78)),
+        ((0.13, 0.44), (0.23, 0.22)),
+        ((0.465, 0.82), (0.52, 0.82)),
+        ((0.465, 0.18), (0.52, 0.18)),
+        ((0.6, 0.72), (0.6, 0.63)),
+        ((0.6, 0.28), (0.6, 0.37)),
+        ((0.69, 0.5), (0.77, 0.5)),
+        ((0.07, 0.38), (0.07, 0.04)),
+    ]:
+        _diagram_arrow(ax, start, end)
+    ax.annotate(
+        "",
+        xy=(0.88, 0.37),
+        xytext=(0.07, 0.04),
+        xycoords="axes fraction",
+        arrowprops={
+            "arrowstyle": "->",
+            "color": "0.25",
+            "lw": 1.2,
+            "connectionstyle": "angle,angleA=0,angleB=90,rad=0",
+        },
+    )
+    ax.set_title(f"DDF ({combine!r}): two cheap branches, one depthwise filtering")
+    return fig

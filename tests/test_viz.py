@@ -157,3 +157,21 @@ def test_pixel_filters_marks_pixels_and_draws_their_filters():
 def test_pixel_filters_errors(image, filters, pixels, message):
     with pytest.raises(ValueError, match="^plot_pixel_filters expected " + message):
         viz.plot_pixel_filters(torch.zeros(image), torch.zeros(filters), pixels)
+
+
+@pytest.mark.parametrize("combine, sign", [("mul", "\u2299"), ("add", "+")])
+def test_ddf_diagram_names_both_branches_and_the_combination(combine, sign):
+    import matplotlib.pyplot as plt
+
+    from refimpl.viz import draw_ddf_diagram
+
+    fig = draw_ddf_diagram(combine)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert any("spatial branch" in t for t in texts)
+    assert any("channel branch" in t for t in texts)
+    assert any(f"channel {sign} spatial" in t for t in texts)
+    assert any("never stored" in t for t in texts)
+    assert repr(combine) in fig.axes[0].get_title()
+    plt.close(fig)
+    with pytest.raises(ValueError, match=r"^draw_ddf_diagram expected combine"):
+        draw_ddf_diagram("cat")
