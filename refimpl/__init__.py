@@ -38,10 +38,19 @@ from .dynamic_conv import (
     dynamic_conv2d_reference,
     temperature_schedule,
 )
+
+# chapter 7: FDConv (its parts are in refimpl.fdconv)
+from .fdconv import FDConv2d
 from .frequency import frequency_response
 
 # chapter 8 (models; used from chapter 4 on): converting networks
-from .models import convert_conv2d, count_parameters, ddf_resnet, paper_resnet50
+from .models import (
+    convert_conv2d,
+    count_parameters,
+    ddf_resnet,
+    fdconv_resnet50,
+    paper_resnet50,
+)
 
 # chapter 4: ODConv
 from .odconv import ODConv2d, odconv2d, odconv2d_reference
@@ -71,9 +80,11 @@ __all__ = [
     "DDFConv2d",
     "DeformConv2d",
     "deform_conv2d",
+    "FDConv2d",
     "deform_conv2d_reference",
     "convert_conv2d",
     "count_parameters",
     "ddf_resnet",
+    "fdconv_resnet50",
     "paper_resnet50",
 ]

@@ -30,7 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._conv import Conv2dBase, check_convertible, hidden_width, init_like_conv2d
-from ._validation import check_bool, check_positive_int, check_real
+from ._validation import (
+    autocast_enabled,
+    check_bool,
+    check_positive_int,
+    check_real,
+)
 from .per_sample import _per_sample_conv2d
 
 __all__ = [
@@ -177,15 +182,27 @@ class FourierDisjointWeight(nn.Module):
             self.divisor * self.num_kernels * self.param_ratio / self.param_reduction
         )
         cols = self.width // 2 + 1
+        self.stable = check_bool(stable, "stable", owner=owner)
         self.dft_weight = nn.Parameter(
             torch.empty(param_ratio, self.height, cols, 2, device=device, dtype=dtype)
         )
         self.register_buffer(
             "partition",
-            frequency_partition(
-                self.height, self.width, num_kernels, stable=stable, device=device
-            ),
+            torch.empty(self.height, cols, dtype=torch.int64, device=device),
         )
+        self.reset_partition()
+
+    def reset_partition(self) -> None:
+        """Recompute ``partition`` (:func:`frequency_partition`), e.g. after
+        ``to_empty``."""
+        if self.partition.device.type == "meta":
+            return
+        with torch.no_grad():
+            self.partition.copy_(
+                frequency_partition(
+                    self.height, self.width, self.num_kernels, stable=self.stable
+                )
+            )
 
     def set_weight(self, weight: Tensor) -> None:
         """Store ``weight: Tensor[C_out, C_in, kH, kW]`` so that the uniform
@@ -204,6 +221,10 @@ class FourierDisjointWeight(nn.Module):
         inverse FFT per sample, in float32 (float64 for float64 parameters).
         """
         n = attention.shape[0]
+        kh, kw = self.kernel_size
+        if n == 0:  # (no FFT of an empty batch) still a graph to the parameter
+            shape = (0, self.out_channels, self.in_channels, kh, kw)
+            return attention.new_zeros(shape) + self.dft_weight.sum() * 0
         dtype = _spectral_dtype(self.dft_weight.dtype)
         weights = attention.to(dtype).reshape(n, self.param_ratio, self.num_kernels)
         per_bin = weights[:, :, self.partition]  # [N, R, rows, cols]
@@ -213,7 +234,6 @@ class FourierDisjointWeight(nn.Module):
         matrix = torch.fft.irfft2(
             torch.complex(real, imag), s=(self.height, self.width)
         )
-        kh, kw = self.kernel_size
         kernels = from_matrix(matrix, self.out_channels, self.in_channels, kh, kw)
         return kernels.to(self.dft_weight.dtype)
 
@@ -438,12 +458,23 @@ class KernelSpatialModulation(nn.Module):
             c_in = pooled.shape[1]
             kh, kw = self.kernel_size
             # [N, C_out*kH*kW, C_in] -> [N, C_out, C_in, kH, kW]
-            logits = logits.reshape(n, -1, kh, kw, c_in).permute(0, 1, 4, 2, 3)
+            c_out = self.local_conv.out_channels // (kh * kw)
+            logits = logits.reshape(n, c_out, kh, kw, c_in).permute(0, 1, 4, 2, 3)
             local = torch.sigmoid(logits) * m
         return KSMAttentions(channel, filt, spatial, kernel, local)
 
 
 # --- frequency band modulation --------------------------------------------------------
+
+
+def _fftfreq(n: int, dtype) -> Tensor:
+    # torch.fft.fftfreq written out (ONNX has no such operator; this folds away)
+    i = torch.arange(n, dtype=torch.int64)
+    return (torch.where(i < (n + 1) // 2, i, i - n)).to(dtype) / n
+
+
+def _rfftfreq(n: int, dtype) -> Tensor:
+    return torch.arange(n // 2 + 1, dtype=torch.int64).to(dtype) / n
 
 
 def band_masks(
@@ -471,11 +502,9 @@ def band_masks(
         ``Tensor[len(k_list), height, width // 2 + 1]`` of bools.
     """
     if official:
-        fy = torch.fft.fftfreq(64, dtype=torch.float32)
-        fx = torch.fft.rfftfreq(64, dtype=torch.float32)
+        fy, fx = _fftfreq(64, torch.float32), _rfftfreq(64, torch.float32)
     else:
-        fy = torch.fft.fftfreq(height, dtype=torch.float64)
-        fx = torch.fft.rfftfreq(width, dtype=torch.float64)
+        fy, fx = _fftfreq(height, torch.float64), _rfftfreq(width, torch.float64)
     grid = torch.maximum(fy.abs()[:, None], fx.abs()[None, :])
     masks = torch.stack([grid < 0.5 / k + 1e-8 for k in k_list])
     if official:
@@ -546,6 +575,8 @@ class FrequencyBandModulation(nn.Module):
 def apply_bands(x: Tensor, weights: Tensor, k_list, masks: str = "exact") -> Tensor:
     """``FBM(x)`` for given band maps ``weights: Tensor[N, len(k_list), H, W]``."""
     h, w = x.shape[-2:]
+    if x.shape[0] == 0:  # no FFT of an empty batch; keep the graph to the maps
+        return x + weights.sum() * 0
     spectral = x.to(_spectral_dtype(x.dtype))
     spectrum = torch.fft.rfft2(spectral, norm="ortho")
     cuts = band_masks(h, w, k_list, official=masks == "official", device=x.device)
@@ -640,7 +671,7 @@ def fdconv2d(
         ("filter_attention", filter_attention),
         ("kernels", kernels),
     ):
-        if t.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+        if t.dtype != input.dtype and not autocast_enabled(input.device.type):
             raise TypeError(
                 f"{owner} expected {name} with the dtype of the input "
                 f"({input.dtype}), got {t.dtype}"
@@ -697,13 +728,14 @@ def _fdconv2d(
     if order == "kernel":
         weight = weight * channel[:, None, :, None, None]
         weight = weight * filt[:, :, None, None, None]
-        out = _per_sample_conv2d(x, weight, None, stride, padding, dilation, 1)
-    else:
-        x = x * channel[:, :, None, None]
-        out = _per_sample_conv2d(x, weight, None, stride, padding, dilation, 1)
-        out = out * filt[:, :, None, None]
+        biases = None if bias is None else bias.expand(n, c_out)  # one per sample
+        return _per_sample_conv2d(x, weight, biases, stride, padding, dilation, 1)
+    x = x * channel[:, :, None, None].to(x.dtype)
+    out = _per_sample_conv2d(x, weight, None, stride, padding, dilation, 1)
+    # (under autocast the convolution's dtype is the result's, as nn.Conv2d's)
+    out = out * filt[:, :, None, None].to(out.dtype)
     if bias is not None:
-        out = out + bias.reshape(1, -1, 1, 1)
+        out = out + bias.reshape(1, -1, 1, 1).to(out.dtype)
     return out
 
 
@@ -874,6 +906,7 @@ class FDConv2d(Conv2dBase):
         init_like_conv2d(weight, self.bias)
         if weight.device.type != "meta":
             self.fdw.set_weight(weight)
+        self.fdw.reset_partition()
         self.ksm.reset_parameters()
         if self.fbm is not None:
             self.fbm.reset_parameters()

@@ -22,7 +22,9 @@ __all__ = [
     "convert_conv2d",
     "count_parameters",
     "ddf_resnet",
+    "fdconv_resnet50",
     "is_bottleneck_3x3",
+    "PUBLISHED_FDCONV_EXTRA_PARAMS",
     "PUBLISHED_DDF_RESNET_PARAMS",
     "is_bottleneck_conv",
     "paper_resnet50",
@@ -47,6 +49,11 @@ PUBLISHED_DDF_RESNET_PARAMS = {
     "ddf_mul_resnet101": 28.1,
     "ddf_add_resnet101": 28.1,
 }
+
+#: Parameters FDConv adds to ResNet-50, in millions, in the FDConv README and the
+#: paper's abstract (Linwei-Chen/FDConv; Chen et al., CVPR 2025). Precision: one
+#: decimal.
+PUBLISHED_FDCONV_EXTRA_PARAMS = 3.6
 
 _BOTTLENECK_3X3 = re.compile(r"layer[1-4]\.\d+\.conv2")
 _BOTTLENECK = re.compile(r"layer[1-4]\.\d+\.conv[123]")
@@ -291,3 +298,51 @@ def ddf_resnet(
 
     model = builders[depth](weights=None, num_classes=num_classes)
     return convert_conv2d(model, factory, is_bottleneck_3x3)
+
+
+def fdconv_resnet50(
+    num_kernels: int = 64, *, num_classes: int = 1000, **options
+) -> nn.Module:
+    """ResNet-50 with the official FDConv placement, from torchvision.
+
+    Every bottleneck convolution (conv1, conv2, conv3: 48 layers,
+    :func:`is_bottleneck_conv`) becomes :class:`refimpl.fdconv.FDConv2d` with
+    ``num_kernels`` frequency groups (64 in every published config; the class
+    default is 4), FBM on the 3x3 ones; the stem and the shortcut projections stay
+    plain, as the official ``ResNet_FDConv`` builds them (Linwei-Chen/FDConv,
+    ``mmdet_custom/resnet.py``: the stem would fall back to ``nn.Conv2d`` under the
+    official placement rule, :func:`refimpl.fdconv.fdconv_placement`, and the
+    projections are built without the FDConv config). The layers are freshly
+    initialised (``preserve=False``), as for training from scratch; use
+    ``FDConv2d.from_conv2d`` with ``preserve=True`` to convert pretrained weights.
+
+    Parameter count: the official build adds about 3.65M parameters to
+    ResNet-50's 25.56M, published as "+3.6M" (chapter 7 breaks it down by part).
+
+    Args:
+        num_kernels: frequency groups per layer.
+        num_classes: size of the classifier.
+        options: further :class:`refimpl.fdconv.FDConv2d` options.
+
+    Returns:
+        The network, in training mode, on the CPU in float32.
+    """
+    from torchvision.models import resnet50  # only needed here
+
+    from ._validation import check_positive_int
+    from .fdconv import FDConv2d, fdconv_placement
+
+    check_positive_int(num_kernels, "num_kernels", owner="fdconv_resnet50")
+    check_positive_int(num_classes, "num_classes", owner="fdconv_resnet50")
+
+    def factory(conv: nn.Conv2d) -> nn.Module:
+        return FDConv2d.from_conv2d(
+            conv, preserve=False, num_kernels=num_kernels, **options
+        )
+
+    def predicate(name: str, conv: nn.Conv2d) -> bool:
+        return is_bottleneck_conv(name, conv) and fdconv_placement(name, conv)
+
+    return convert_conv2d(
+        resnet50(weights=None, num_classes=num_classes), factory, predicate
+    )

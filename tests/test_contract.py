@@ -16,6 +16,8 @@ padding ``(k - 1) * dilation / 2``, no bias, no padding modes): its row is marke
 ``out_channels = groups = in_channels``. The checks of surface it does not have
 (other channel counts, padding modes, bias, ``nn.Conv2d``'s constructor) are
 not generated for it; ``tests/test_ddf.py`` checks its own constructor and errors.
+FDConv transforms the whole ``C_out x C_in`` weight, so it has no ``groups``: its
+rows are marked ``grouped=False`` and see only the geometries with ``groups=1``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import nn
 import refimpl
 from refimpl import CondConv2d, DDFConv2d, DeformConv2d, DynamicConv2d, ODConv2d
 from refimpl._conv import PADDING_MODES, Conv2dBase
+from refimpl.fdconv import FDConv2d
 from refimpl.models import convert_conv2d
 
 from conftest import DEVICES, randn, tolerance
@@ -53,6 +56,8 @@ class Row:
     depthwise: bool = False
     # the parameter that must receive a gradient (the main kernel)
     main: str = "weight"
+    # whether the operator takes groups > 1
+    grouped: bool = True
 
     def __str__(self) -> str:
         return self.id or self.cls.__name__
@@ -64,6 +69,22 @@ ROWS = [
     Row(ODConv2d, {"num_kernels": 2}, id="ODConv2d"),
     Row(ODConv2d, {"num_kernels": 1, "attention_norm": None}, id="ODConv2d-1x"),
     Row(DeformConv2d, {"modulated": True}, branch_scale=0.05, id="DeformConv2d"),
+    Row(
+        FDConv2d,
+        {"num_kernels": 2, "placement": "any"},
+        branch_scale=0.3,
+        main="fdw.dft_weight",
+        grouped=False,
+        id="FDConv2d",
+    ),
+    Row(
+        FDConv2d,
+        {"num_kernels": 3, "fbm": True, "order": "io", "placement": "any"},
+        branch_scale=0.3,
+        main="fdw.dft_weight",
+        grouped=False,
+        id="FDConv2d-io",
+    ),
     Row(DDFConv2d, {"head": 2}, depthwise=True, main="spatial.weight", id="DDFConv2d"),
     Row(
         DDFConv2d,
@@ -220,7 +241,9 @@ DEPTHWISE_GEOMETRIES = [
 
 
 def _row_geometries(row: Row) -> list:
-    return DEPTHWISE_GEOMETRIES if row.depthwise else GEOMETRIES
+    if row.depthwise:
+        return DEPTHWISE_GEOMETRIES
+    return [g for g in GEOMETRIES if row.grouped or g[6] == 1]
 
 
 ROW_GEOMETRIES = [
@@ -495,11 +518,12 @@ def test_integer_likes_are_accepted(row):
 
 @conv2d_rows
 def test_extra_repr_follows_conv2d(row):
-    layer = row.cls(4, 6, 3)
-    conv = nn.Conv2d(4, 6, 3)
+    layer = row.cls(32, 48, 3)  # wide enough for every default placement rule
+    conv = nn.Conv2d(32, 48, 3)
     assert layer.extra_repr() == conv.extra_repr()  # defaults are omitted
-    layer = row.cls(4, 6, (3, 1), 2, "valid", 1, 2, False, "reflect", **row.options)
-    conv = nn.Conv2d(4, 6, (3, 1), 2, "valid", 1, 2, False, "reflect")
+    g = 2 if row.grouped else 1
+    layer = row.cls(4, 6, (3, 1), 2, "valid", 1, g, False, "reflect", **row.options)
+    conv = nn.Conv2d(4, 6, (3, 1), 2, "valid", 1, g, False, "reflect")
     text = layer.extra_repr()
     assert text.startswith(conv.extra_repr())
     for name, value in row.options.items():
@@ -682,6 +706,11 @@ def test_dynamic_tensors_feed_the_functional_form(row):
         out = refimpl.deform_conv2d(x, offset, layer.weight, layer.bias, 1, 1, 1, mask)
     elif row.cls is DDFConv2d:
         out = refimpl.ddf.ddf_reference(x, *dynamic, 3, 1, 1, layer.combine)
+    elif row.cls is FDConv2d:
+        k_list = layer.fbm.k_list if layer.fbm is not None else ()
+        out = refimpl.fdconv.fdconv2d(
+            x, *dynamic, layer.bias, 1, 1, 1, k_list=k_list, order=layer.order
+        )
     else:
         out = functional[row.cls](x, *dynamic, layer.weight, layer.bias, 1, 1, 1, 1)
     torch.testing.assert_close(out, layer(x), **F64)
@@ -742,6 +771,31 @@ def test_functional_forms_check_dtypes_and_take_input_by_name(row):
     layer = make(row, 4, 6, 3, padding=1, dtype=torch.float32)
     x = randn(2, 4, 5, 5, seed=15, dtype=torch.float32)
     dynamic = layer.dynamic_tensors(x)
+    if row.cls is FDConv2d:
+        k_list = layer.fbm.k_list if layer.fbm is not None else ()
+
+        def call(input, kernels):
+            return refimpl.fdconv.fdconv2d(
+                input=input,
+                band_weights=dynamic.band_weights,
+                channel_attention=dynamic.channel_attention,
+                filter_attention=dynamic.filter_attention,
+                spatial_attention=dynamic.spatial_attention,
+                kernels=kernels,
+                bias=layer.bias,
+                padding=1,
+                k_list=k_list,
+                order=layer.order,
+            )
+
+        torch.testing.assert_close(call(x, dynamic.kernels), layer(x))
+        with pytest.raises(
+            TypeError,
+            match=r"^fdconv2d expected kernels with the dtype of the input "
+            r"\(torch\.float32\), got torch\.float64",
+        ):
+            call(x, dynamic.kernels.double())
+        return
     if row.cls is DDFConv2d:
         name = "ddf"
 
