@@ -49,6 +49,7 @@ __all__ = [
     "fdconv_placement",
     "frequency_partition",
     "local_kernel_size",
+    "lowpass_matrix",
 ]
 
 # The official placement rule (Linwei-Chen/FDConv, FDConv.__init__ defaults):
@@ -105,9 +106,9 @@ def frequency_partition(
     # the official radius, computed as it does (float32 norm of the pair)
     radius = torch.stack(torch.meshgrid(fh, fw, indexing="ij"), -1).norm(dim=-1)
     order = torch.sort(radius.flatten(), stable=stable).indices
+    sizes = [len(chunk) for chunk in torch.tensor_split(order, groups)]
     group = torch.empty(height * cols, dtype=torch.int64)
-    for g, chunk in enumerate(torch.tensor_split(order, groups)):
-        group[chunk] = g
+    group[order] = torch.repeat_interleave(torch.arange(groups), torch.tensor(sizes))
     return group.reshape(height, cols).to(device)
 
 
@@ -566,23 +567,62 @@ class FrequencyBandModulation(nn.Module):
 
     def band_weights(self, x: Tensor) -> Tensor:
         """``Tensor[N, B, H, W]``: the map ``A_b`` of every modulated band."""
-        return torch.cat([2 * torch.sigmoid(conv(x)) for conv in self.convs], 1)
+        # the B convolutions C_in -> 1 run as one C_in -> B convolution
+        weight = torch.cat([conv.weight for conv in self.convs])
+        bias = torch.cat([conv.bias for conv in self.convs])
+        return 2 * torch.sigmoid(F.conv2d(x, weight, bias, padding=1))
 
     def forward(self, x: Tensor) -> Tensor:
         return apply_bands(x, self.band_weights(x), self.k_list, self.masks)
 
 
+def lowpass_matrix(size: int, k: int, dtype=torch.float64, device=None) -> Tensor:
+    """The real ``size x size`` matrix of the ideal low-pass ``|f| < 0.5 / k + 1e-8``
+    along one axis (circular): ``A = Re(F^-1 diag(m) F)``, i.e.
+    ``A[a, b] = (1/size) * sum over kept f of cos(2 pi f (a - b))``.
+
+    A square (L-infinity) mask is the product of two such 1-D masks, so the exact
+    low-pass image of :func:`band_masks` is ``A_H @ x @ A_W`` (``A`` is
+    symmetric): two matrix products, which export everywhere and beat the FFTs
+    at feature-map sizes (chapter 7).
+    """
+    f = _fftfreq(size, torch.float64).abs()
+    keep = (f < 0.5 / k + 1e-8).to(torch.float64)
+    t = torch.arange(size, dtype=torch.float64)
+    angle = 2 * math.pi * torch.outer(t, t) / size
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    matrix = (cos * keep) @ cos.T + (sin * keep) @ sin.T
+    return (matrix / size).to(dtype=dtype, device=device)
+
+
 def apply_bands(x: Tensor, weights: Tensor, k_list, masks: str = "exact") -> Tensor:
-    """``FBM(x)`` for given band maps ``weights: Tensor[N, len(k_list), H, W]``."""
+    """``FBM(x)`` for given band maps ``weights: Tensor[N, len(k_list), H, W]``.
+
+    Exact masks use :func:`lowpass_matrix` (two matrix products per band);
+    official masks, which a nearest resize can make asymmetric in ``+-f`` and so
+    not separable, use ``rfft2`` / ``irfft2`` as the official code.
+    """
     h, w = x.shape[-2:]
     if x.shape[0] == 0:  # no FFT of an empty batch; keep the graph to the maps
         return x + weights.sum() * 0
     spectral = x.to(_spectral_dtype(x.dtype))
-    spectrum = torch.fft.rfft2(spectral, norm="ortho")
-    cuts = band_masks(h, w, k_list, official=masks == "official", device=x.device)
+    if masks == "official":
+        spectrum = torch.fft.rfft2(spectral, norm="ortho")
+        cuts = band_masks(h, w, k_list, official=True, device=x.device)
+
+        def lowpass(b):
+            return torch.fft.irfft2(spectrum * cuts[b], s=(h, w), norm="ortho")
+    else:
+
+        def lowpass(b):
+            dtype, device = spectral.dtype, x.device
+            rows = lowpass_matrix(h, k_list[b], dtype, device)
+            cols = lowpass_matrix(w, k_list[b], dtype, device)
+            return rows @ spectral @ cols
+
     previous, out = spectral, None
     for b in range(len(k_list)):
-        low = torch.fft.irfft2(spectrum * cuts[b], s=(h, w), norm="ortho")
+        low = lowpass(b)
         term = weights[:, b : b + 1].to(spectral.dtype) * (previous - low)
         out = term if out is None else out + term
         previous = low

@@ -26,6 +26,9 @@ __all__ = [
     "plot_sliding_window",
     "role_handles",
     "plot_pixel_filters",
+    "draw_ddf_diagram",
+    "plot_frequency_partition",
+    "draw_fdconv_diagram",
 ]
 
 
@@ -604,4 +607,158 @@ def draw_ddf_diagram(combine: str = "mul"):
         },
     )
     ax.set_title(f"DDF ({combine!r}): two cheap branches, one depthwise filtering")
+    return fig
+
+
+def plot_frequency_partition(
+    partition,
+    *,
+    ax=None,
+    title: str | None = None,
+):
+    """Draw the group of every bin of a real 2-D spectrum (FDConv's partition).
+
+    ``partition`` is the ``Tensor[H, W // 2 + 1]`` of group ids that
+    :func:`refimpl.fdconv.frequency_partition` returns for the ``rfft2`` of an
+    ``H x W`` matrix. Rows are shifted so that the vertical frequency runs from
+    about -0.5 (top) to 0.5 (bottom) with DC in the middle; columns are the
+    non-negative horizontal frequencies 0 to 0.5. One colour per group, low
+    (dark) to high (bright) frequency.
+
+    Args:
+        partition: ``Tensor[H, W']`` or array-like of integer group ids.
+        ax: axes to draw into (default: a new figure).
+        title: axes title.
+
+    Returns:
+        The ``matplotlib.figure.Figure`` holding ``ax``.
+
+    Raises:
+        ValueError: if ``partition`` is not 2-D or holds negative or
+            non-integer ids.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = _as_array(partition)
+    if values.ndim != 2:
+        raise ValueError(
+            f"plot_frequency_partition expected a 2-D partition, got "
+            f"{values.ndim} dimensions (shape {values.shape})"
+        )
+    if values.size and (values.min() < 0 or not np.all(values == np.round(values))):
+        raise ValueError(
+            "plot_frequency_partition expected non-negative integer group ids"
+        )
+    groups = int(values.max()) + 1 if values.size else 1
+    height, cols = values.shape
+    shifted = np.fft.fftshift(values, axes=0)
+    fy = np.fft.fftshift(np.fft.fftfreq(height))
+    step = 1.0 / height
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.6, 3.4))
+    cmap = plt.get_cmap("viridis", groups)
+    image = ax.imshow(
+        shifted,
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=groups - 0.5,
+        aspect="auto",
+        extent=(
+            -0.5 / (2 * (cols - 1) or 1),
+            0.5 + 0.5 / (2 * (cols - 1) or 1),
+            fy[-1] + step / 2,
+            fy[0] - step / 2,
+        ),
+    )
+    ax.set_xlabel("horizontal frequency (rfft)")
+    ax.set_ylabel("vertical frequency")
+    bar = ax.figure.colorbar(image, ax=ax, shrink=0.85)
+    bar.set_label("group")
+    bar.set_ticks(list(range(groups)) if groups <= 8 else [0, groups - 1])
+    ax.set_title(title or f"{groups} groups over {height} x {cols} bins")
+    return ax.figure
+
+
+def draw_fdconv_diagram():
+    """The data path of an FDConv layer (chapter 7), as a box-and-arrow diagram.
+
+    The pooled input drives Kernel Spatial Modulation: its global branch
+    predicts the channel, filter, spatial and kernel attentions, its local
+    branch a dense modulation of every weight. The kernel attention mixes the
+    ``n`` disjoint-spectrum kernels of the Fourier disjoint weight (one stored
+    spectrum, cut into frequency groups, each transformed back by ``irfft2``);
+    the modulations multiply the mixed kernel. In parallel, Frequency Band
+    Modulation splits the input into frequency bands and reweights each band
+    pixel by pixel; the per-sample kernel convolves the result.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9.0, 4.2))
+    ax.set_axis_off()
+    data, branch, result = "#dbe9f6", "#fbe3c8", "#d9efd9"
+    _diagram_box(ax, 0.07, 0.5, "input X\n[N, C_in, H, W]", color=data)
+    _diagram_box(ax, 0.25, 0.86, "GAP\n[N, C_in]", color=data)
+    _diagram_box(
+        ax,
+        0.47,
+        0.86,
+        "KSM global: FC-BN-StarReLU\nchannel, filter, spatial\n"
+        "2 sigmoid; kernel 2/n sigmoid",
+        color=branch,
+    )
+    _diagram_box(
+        ax,
+        0.47,
+        0.6,
+        "KSM local: LN, Conv1d\nalong channels, 2 sigmoid\n[N, C_out, C_in, k, k]",
+        color=branch,
+    )
+    _diagram_box(
+        ax,
+        0.77,
+        0.86,
+        "FDW: one spectrum, n groups\nn kernels irfft2(1_Gj Theta)\n"
+        "mixed by kernel attention",
+        color=data,
+    )
+    _diagram_box(
+        ax,
+        0.77,
+        0.6,
+        "per-sample kernel\nW_b = a_s a_c a_f W_fdw hr\n[N, C_out, C_in, k, k]",
+        color="white",
+        dashed=True,
+    )
+    _diagram_box(
+        ax,
+        0.35,
+        0.2,
+        "FBM: rfft2 -> bands\n(L_b-1 - L_b), 3x3 conv maps\nA_b per pixel, sum + L_B",
+        color=branch,
+    )
+    _diagram_box(
+        ax,
+        0.77,
+        0.25,
+        "per-sample convolution\nW_b * FBM(X)_b + bias\n-> [N, C_out, H', W']",
+        color=result,
+    )
+    for start, end in [
+        ((0.1, 0.6), (0.2, 0.8)),
+        ((0.3, 0.86), (0.355, 0.86)),
+        ((0.3, 0.82), (0.36, 0.66)),
+        ((0.585, 0.86), (0.655, 0.86)),
+        ((0.56, 0.79), (0.68, 0.68)),
+        ((0.77, 0.77), (0.77, 0.69)),
+        ((0.585, 0.6), (0.67, 0.6)),
+        ((0.07, 0.38), (0.22, 0.24)),
+        ((0.48, 0.2), (0.66, 0.23)),
+        ((0.77, 0.51), (0.77, 0.34)),
+    ]:
+        _diagram_arrow(ax, start, end)
+    ax.set_title("FDConv: frequency-disjoint kernels, modulated per sample and band")
     return fig

@@ -175,3 +175,44 @@ def test_ddf_diagram_names_both_branches_and_the_combination(combine, sign):
     plt.close(fig)
     with pytest.raises(ValueError, match=r"^draw_ddf_diagram expected combine"):
         draw_ddf_diagram("cat")
+
+
+def test_fdconv_diagram_names_the_three_parts():
+    fig = viz.draw_fdconv_diagram()
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for part in ("KSM global", "KSM local", "FDW", "FBM", "per-sample kernel"):
+        assert any(part in t for t in texts), part
+    assert any("never" not in t and "irfft2" in t for t in texts)
+    assert "FDConv" in fig.axes[0].get_title()
+
+
+def test_frequency_partition_plot_one_colour_per_group():
+    from refimpl.fdconv import frequency_partition
+
+    partition = frequency_partition(12, 10, 4)
+    fig = viz.plot_frequency_partition(partition)
+    ax = fig.axes[0]
+    image = ax.images[0]
+    shown = image.get_array()
+    assert shown.shape == (12, 6)
+    # DC (row 0 of the partition) is drawn in the middle row, group 0
+    assert shown[6, 0] == 0 and int(shown.max()) == 3
+    assert image.cmap.N == 4
+    assert ax.get_title() == "4 groups over 12 x 6 bins"
+    assert fig.axes[1].get_ylabel() == "group"
+    _, ax2 = plt.subplots()
+    assert viz.plot_frequency_partition(partition, ax=ax2, title="t") is ax2.figure
+    assert ax2.get_title() == "t"
+
+
+@pytest.mark.parametrize(
+    "partition, message",
+    [
+        (torch.zeros(3), r"expected a 2-D partition"),
+        (torch.full((2, 2), -1), r"expected non-negative integer group ids"),
+        (torch.full((2, 2), 0.5), r"expected non-negative integer group ids"),
+    ],
+)
+def test_frequency_partition_plot_errors(partition, message):
+    with pytest.raises(ValueError, match=r"^plot_frequency_partition " + message):
+        viz.plot_frequency_partition(partition)
