@@ -25,6 +25,9 @@ from .arithmetic import (
 # chapter 2: CondConv
 from .condconv import CondConv2d, condconv2d, condconv2d_reference
 
+# chapter 5: DDF (the functional form is refimpl.ddf.ddf: the module keeps its name)
+from .ddf import DDFConv2d
+
 # chapter 6: deformable convolution
 from .deform import DeformConv2d, deform_conv2d, deform_conv2d_reference
 
@@ -35,10 +38,19 @@ from .dynamic_conv import (
     dynamic_conv2d_reference,
     temperature_schedule,
 )
+
+# chapter 7: FDConv (its parts are in refimpl.fdconv)
+from .fdconv import FDConv2d
 from .frequency import frequency_response
 
 # chapter 8 (models; used from chapter 4 on): converting networks
-from .models import convert_conv2d, count_parameters, paper_resnet50
+from .models import (
+    convert_conv2d,
+    count_parameters,
+    ddf_resnet,
+    fdconv_resnet50,
+    paper_resnet50,
+)
 
 # chapter 4: ODConv
 from .odconv import ODConv2d, odconv2d, odconv2d_reference
@@ -65,10 +77,14 @@ __all__ = [
     "ODConv2d",
     "odconv2d",
     "odconv2d_reference",
+    "DDFConv2d",
     "DeformConv2d",
     "deform_conv2d",
+    "FDConv2d",
     "deform_conv2d_reference",
     "convert_conv2d",
     "count_parameters",
+    "ddf_resnet",
+    "fdconv_resnet50",
     "paper_resnet50",
 ]

@@ -202,6 +202,8 @@ class Conv2dBase(nn.Module):
             return
         base = inspect.signature(Conv2dBase.__init__).parameters
         own = inspect.signature(init)
+        if not any(p.kind is p.VAR_POSITIONAL for p in own.parameters.values()):
+            return  # a signature of its own (DDF is depthwise: ``channels``)
         keyword = [p for p in own.parameters.values() if p.kind is p.KEYWORD_ONLY]
         if not keyword:
             return

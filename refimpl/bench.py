@@ -82,6 +82,11 @@ class Case:
     params: list[Tensor]
     note: str = ""
     input_grad: bool = True
+    # MACs of one forward where torch.utils.flop_counter cannot see them (work
+    # done by elementwise operations, as DDF's taps): a function of the spec
+    macs: Callable[[BenchSpec], int] | None = None
+    # the same computation uncompiled, counted in place of a compiled ``fn``
+    eager: Callable[[Tensor], Tensor] | None = None
 
 
 class SkipCase(Exception):
@@ -238,6 +243,81 @@ register("odconv_1x")(_odconv_case(1))
 register("odconv_4x")(_odconv_case(4))
 
 
+# --- chapter 5: DDF ---------------------------------------------------------------
+
+
+def _depthwise_channels(spec: BenchSpec) -> int:
+    if spec.in_channels != spec.out_channels:
+        raise SkipCase(
+            f"depthwise: needs in_channels == out_channels, got "
+            f"{spec.in_channels} -> {spec.out_channels}"
+        )
+    if spec.kernel_size % 2 == 0:
+        raise SkipCase(f"needs an odd kernel size, got {spec.kernel_size}")
+    return spec.in_channels
+
+
+@register("conv2d_depthwise")
+def _conv2d_depthwise(spec: BenchSpec, device, dtype) -> Case:
+    c, k = _depthwise_channels(spec), spec.kernel_size
+    conv = nn.Conv2d(
+        c, c, k, padding=k // 2, groups=c, bias=False, device=device, dtype=dtype
+    )
+    return _module_case(conv, "nn.Conv2d, depthwise (groups=C), no bias")
+
+
+def _ddf_case(combine: str, compiled: bool = False):
+    # The operator alone, on fixed random filters that require grad (what the
+    # two branches of DDFConv2d would predict), as the official test_time.py
+    # times the raw op next to the layer.
+    def factory(spec: BenchSpec, device, dtype) -> Case:
+        from .ddf import ddf
+
+        c, k = _depthwise_channels(spec), spec.kernel_size
+        g = torch.Generator().manual_seed(2)
+        channel = torch.randn(spec.batch, c, k, k, generator=g) / k
+        spatial = torch.randn(spec.batch, k * k, spec.size, spec.size, generator=g) / k
+        channel = channel.to(device=device, dtype=dtype).requires_grad_()
+        spatial = spatial.to(device=device, dtype=dtype).requires_grad_()
+
+        def run(x):
+            return ddf(x, channel, spatial, k, combine=combine)
+
+        note = f"refimpl.ddf.ddf, combine={combine!r}, fixed random filters"
+        case = Case(fn=run, params=[channel, spatial], note=note, macs=_ddf_macs)
+        if compiled:
+            case.fn, case.eager = torch.compile(run, dynamic=False), run
+            case.note += ", torch.compile"
+        return case
+
+    return factory
+
+
+register("ddf")(_ddf_case("mul"))
+register("ddf_add")(_ddf_case("add"))
+register("ddf_compiled")(_ddf_case("mul", compiled=True))
+
+
+def _ddf_macs(spec: BenchSpec) -> int:
+    # one multiply-add per tap, channel and output pixel, as a depthwise
+    # convolution (combining the two filters adds as many multiplications)
+    return spec.batch * spec.in_channels * spec.size**2 * spec.kernel_size**2
+
+
+@register("DDFConv2d")
+def _ddf_module(spec: BenchSpec, device, dtype) -> Case:
+    from .ddf import DDFConv2d
+
+    layer = DDFConv2d(
+        _depthwise_channels(spec), spec.kernel_size, device=device, dtype=dtype
+    )
+    case = _module_case(layer, "refimpl DDFConv2d, mul, predicts both filters")
+    # the branches' 1x1 convolutions and linear layers are counted by the flop
+    # counter; the filtering itself is added here
+    case.macs = _ddf_macs
+    return case
+
+
 # --- chapter 6: deformable convolution --------------------------------------------
 
 
@@ -353,6 +433,32 @@ def measure(
         "forward_s": _latency(forward, device, min_run_time),
         "forward_backward_s": _latency(forward_backward, device, min_run_time),
     }
+
+
+def counts(case: Case, spec: BenchSpec, device, dtype) -> tuple[int | None, int]:
+    """``(parameters, MACs)`` of one forward of ``case`` at ``spec``.
+
+    Parameters are those of the case's module (``None`` for a functional case,
+    whose tensors are fixed inputs, not a layer's parameters). MACs follow the
+    papers' convention, one multiply-add counted once: ``torch.utils.flop_counter``
+    counts two FLOPs per multiply-add of the convolutions and matrix products it
+    sees, so its count is halved; it does not see elementwise work (the mixing of
+    kernels done by broadcasting, attention activations, DDF's taps), which a case
+    adds through ``Case.macs`` where it is the bulk of the work.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = case.fn if isinstance(case.fn, nn.Module) else None
+    params = None if module is None else sum(p.numel() for p in module.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(spec.batch, spec.in_channels, spec.size, spec.size, generator=g)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        (case.eager or case.fn)(x.to(device=device, dtype=dtype))
+    macs = counter.get_total_flops() // 2
+    if case.macs is not None:
+        macs += case.macs(spec)
+    return params, macs
 
 
 # --- peak memory ------------------------------------------------------------------
@@ -679,6 +785,8 @@ def run(
             "peak_bytes": nan,
             "peak_method": None,
             "peak_error": None,
+            "params": None,
+            "macs": None,
         }
         for name in order
     }
@@ -699,8 +807,14 @@ def run(
             cases[name] = CASES[name](spec, device, dtype)
         except Exception as error:
             skip(name, error)
-        else:
-            rows[name]["note"] = cases[name].note
+            continue
+        rows[name]["note"] = cases[name].note
+        try:
+            rows[name]["params"], rows[name]["macs"] = counts(
+                cases[name], spec, device, dtype
+            )
+        except Exception:
+            pass  # a case that fails when run is skipped by the latency phase
     # Rounds over all cases, keeping each case's best median: the clock of a
     # shared machine drifts over minutes, and interleaving spreads the drift
     # over every case instead of charging it to whichever ran at a slow moment.
@@ -799,6 +913,124 @@ def format_table(rows: list[dict], device: torch.device, spec: BenchSpec) -> str
     return "\n".join(lines)
 
 
+# --- every stage of a ResNet-50 ----------------------------------------------------
+
+#: ``(channels, size)`` of the 3x3 convolutions of the four ResNet-50 stages.
+RESNET50_STAGES = ((64, 56), (128, 28), (256, 14), (512, 7))
+#: Batch sizes of ``--stages``: one image (latency) and a training batch.
+STAGE_BATCHES = (1, 32)
+
+
+def run_stages(
+    names: list[str],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    batches=STAGE_BATCHES,
+    stages=None,
+    kernel_size: int = 3,
+    progress: Callable[[str], None] | None = None,
+    **options,
+) -> list[dict]:
+    """:func:`run` at every ResNet-50 stage shape and batch size.
+
+    For each batch ``N`` in ``batches`` and ``(C, size)`` in ``stages`` (default
+    :data:`RESNET50_STAGES`), measures
+    ``names`` against ``nn.Conv2d(C, C, kernel_size, padding=kernel_size // 2)``
+    at ``Tensor[N, C, size, size]``: forward and forward+backward time, peak
+    memory, parameters and MACs (:func:`counts`). ``options`` go to :func:`run`.
+    Returns every row of every :func:`run`, each with ``batch``, ``channels`` and
+    ``size`` added.
+    """
+    rows = []
+    for batch in batches:
+        for channels, size in RESNET50_STAGES if stages is None else stages:
+            spec = BenchSpec(batch, channels, channels, size, kernel_size)
+
+            def say(message: str, spec=spec) -> None:
+                if progress is not None:
+                    progress(
+                        f"N={spec.batch} C={spec.in_channels} "
+                        f"{spec.size}x{spec.size}: {message}"
+                    )
+
+            for row in run(names, spec, device, dtype, progress=say, **options):
+                rows.append({**row, "batch": batch, "channels": channels, "size": size})
+    return rows
+
+
+def _number(value, scale: float, digits: int) -> str:
+    return "" if value is None else f"{value / scale:.{digits}f}"
+
+
+def format_stages(rows: list[dict], device: torch.device) -> str:
+    """A Markdown table of the rows of :func:`run_stages` (ratios to the baseline
+    of each shape, the first row of each)."""
+    lines = [
+        f"Every operator at the ResNet-50 stage shapes, {torch.device(device).type}; "
+        "times in ms, peak in MB, ratios to the baseline at the same shape; "
+        "MACs count one multiply-add once (papers' convention).",
+        "",
+        "| N | C, size | case | fwd ms | ratio | fwd+bwd ms | ratio | peak MB | "
+        "ratio | params (k) | MACs (M) | note |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        shape = f"{r['channels']}, {r['size']}²"
+        if r.get("skipped"):
+            lines.append(
+                f"| {r['batch']} | {shape} | {r['name']} | | | | | | | | | "
+                f"skipped: {r['skipped']} |"
+            )
+            continue
+        lines.append(
+            f"| {r['batch']} | {shape} | {r['name']} "
+            f"| {r['forward_s'] * 1e3:.2f} | {r['forward_ratio']:.2f} "
+            f"| {r['forward_backward_s'] * 1e3:.2f} "
+            f"| {r['forward_backward_ratio']:.2f} "
+            f"| {r['peak_bytes'] / 2**20:.1f} | {r['peak_ratio']:.2f} "
+            f"| {_number(r['params'], 1e3, 1)} | {_number(r['macs'], 1e6, 1)} "
+            f"| {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_stages(rows: list[dict], path) -> None:
+    """Forward and forward+backward time ratios against the stage, one panel per
+    batch size and measure, one line per case; saved as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    measures = [("forward_ratio", "forward"), ("forward_backward_ratio", "fwd+bwd")]
+    fig, axes = plt.subplots(
+        len(batches), 2, figsize=(9, 3.2 * len(batches)), squeeze=False, dpi=150
+    )
+    for i, batch in enumerate(batches):
+        here = [r for r in rows if r["batch"] == batch and not r.get("skipped")]
+        stages = list(dict.fromkeys((r["channels"], r["size"]) for r in here))
+        labels = [f"{c}ch {s}²" for c, s in stages]
+        for j, (key, title) in enumerate(measures):
+            ax = axes[i][j]
+            for name in dict.fromkeys(r["name"] for r in here):
+                values = {
+                    (r["channels"], r["size"]): r[key]
+                    for r in here
+                    if r["name"] == name
+                }
+                ys = [values.get(stage, float("nan")) for stage in stages]
+                ax.plot(range(len(stages)), ys, marker="o", label=name)
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(stages)), labels)
+            ax.set_title(f"{title} time / baseline, N={batch}")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # --- command line -----------------------------------------------------------------
 
 
@@ -876,9 +1108,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=_positive_int, default=None, help="torch CPU threads"
     )
+    parser.add_argument(
+        "--baseline",
+        default="conv2d",
+        help="case the ratios are taken to (default: conv2d; DDF is compared with "
+        "conv2d_depthwise)",
+    )
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="every case at the four ResNet-50 stage shapes (56²/64, 28²/128, "
+        "14²/256, 7²/512; sizes and channels options are then ignored) and the "
+        "batches of --stage-batches; writes a Markdown table and a plot",
+    )
+    parser.add_argument(
+        "--stage-batches",
+        type=_positive_int,
+        nargs="+",
+        default=list(STAGE_BATCHES),
+        help="batch sizes of --stages (default: 1 32)",
+    )
+    parser.add_argument(
+        "--output",
+        default="bench_stages",
+        help="path prefix of the --stages files: PREFIX_<device>.md and .png",
+    )
     args = parser.parse_args(argv)
-    names = args.ops or [n for n in CASES if n != "conv2d"]
-    unknown = [n for n in names if n not in CASES]
+    names = args.ops or [n for n in CASES if n != args.baseline]
+    unknown = [n for n in [*names, args.baseline] if n not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu", "cuda"]}[args.device]
@@ -898,12 +1155,32 @@ def main(argv: list[str] | None = None) -> int:
 
     for d in devices:
         device = torch.device(d)
+        if args.stages:
+            rows = run_stages(
+                names,
+                device,
+                getattr(torch, args.dtype),
+                batches=tuple(args.stage_batches),
+                kernel_size=args.kernel_size,
+                progress=progress,
+                min_run_time=args.min_run_time,
+                baseline=args.baseline,
+                rounds=args.rounds,
+            )
+            table = format_stages(rows, device)
+            with open(f"{args.output}_{device.type}.md", "w") as f:
+                f.write(table + "\n")
+            plot_stages(rows, f"{args.output}_{device.type}.png")
+            print(table, flush=True)
+            print(f"\nwrote {args.output}_{device.type}.md and .png\n")
+            continue
         rows = run(
             names,
             spec,
             device,
             getattr(torch, args.dtype),
             args.min_run_time,
+            baseline=args.baseline,
             rounds=args.rounds,
             progress=progress,
         )

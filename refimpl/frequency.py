@@ -27,6 +27,7 @@ __all__ = [
     "band_mask",
     "gaussian_kernel",
     "classic_kernels",
+    "spectral_similarity",
 ]
 
 
@@ -277,3 +278,80 @@ def classic_kernels(
         "sobel_x": smooth[:, None] * derivative[None, :],
         "sobel_y": derivative[:, None] * smooth[None, :],
     }
+
+
+def spectral_similarity(
+    bank: Tensor,
+    size: int | tuple[int, int] | None = None,
+    *,
+    layout: str = "kernel",
+) -> Tensor:
+    r"""Pairwise cosine similarity of the magnitude spectra of a bank of kernels.
+
+    Member ``i`` of ``bank`` is described by a non-negative vector
+    :math:`s_i`, the magnitudes of its DFT bins, and the result is
+
+    .. math::
+
+        S_{ij} = \frac{\langle s_i, s_j\rangle}{\|s_i\|\,\|s_j\|}.
+
+    Two members whose spectra occupy disjoint bins have similarity 0; members
+    with the same magnitude spectrum (e.g. one a shifted or negated copy of
+    the other) have similarity 1. Magnitudes of independent random kernels are
+    far from orthogonal (about ``pi / 4`` for Gaussian weights), so compare a
+    trained bank with a random one, not with 0.
+
+    Two layouts of "spectrum" (chapter 7):
+
+    * ``"kernel"``: every ``kH x kW`` filter of the member is transformed on
+      its own, zero-padded to ``size`` (:func:`frequency_response`): the
+      spatial frequency response that CondConv's and DynamicConv's kernels
+      are usually compared by;
+    * ``"matrix"``: the member ``[C_out, C_in, kH, kW]`` is reshaped to the
+      matrix ``P[o kH + u, c kW + v] = W[o, c, u, v]`` and transformed by
+      ``rfft2``: the spectrum in which FDConv's Fourier disjoint weight cuts
+      its groups (``size`` is not used).
+
+    Args:
+        bank: ``Tensor[K, C_out, C_in, kH, kW]`` (``layout="kernel"`` also
+            accepts any ``Tensor[K, ..., kH, kW]`` with at least 3 dimensions),
+            floating point.
+        size: DFT size for ``"kernel"`` (default: the kernel size itself).
+        layout: ``"kernel"`` or ``"matrix"``.
+
+    Returns:
+        ``Tensor[K, K]``, symmetric, ones on the diagonal (for members that are
+        not all zero), in float64.
+
+    Raises:
+        TypeError: if ``bank`` is not a floating-point tensor.
+        ValueError: for an unknown ``layout`` or a bank of the wrong rank.
+    """
+    owner = "spectral_similarity"
+    check_float_tensor(bank, "bank", owner=owner)
+    if layout not in ("kernel", "matrix"):
+        raise ValueError(
+            f"{owner} expected layout 'kernel' or 'matrix', got {layout!r}"
+        )
+    bank = bank.double()
+    if layout == "matrix":
+        if bank.dim() != 5:
+            raise ValueError(
+                f"{owner} expected a bank [K, C_out, C_in, kH, kW] for layout "
+                f"'matrix', got shape {tuple(bank.shape)}"
+            )
+        k, c_out, c_in, kh, kw = bank.shape
+        matrix = bank.transpose(2, 3).reshape(k, c_out * kh, c_in * kw)
+        spectra = torch.fft.rfft2(matrix).abs()
+    else:
+        if bank.dim() < 3:
+            raise ValueError(
+                f"{owner} expected a bank [K, ..., kH, kW] with at least 3 "
+                f"dimensions, got shape {tuple(bank.shape)}"
+            )
+        spectra = frequency_response(
+            bank, size if size is not None else tuple(bank.shape[-2:])
+        )
+    flat = spectra.reshape(spectra.shape[0], -1)
+    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return unit @ unit.T

@@ -21,6 +21,11 @@ from ._conv import check_convertible
 __all__ = [
     "convert_conv2d",
     "count_parameters",
+    "ddf_resnet",
+    "fdconv_resnet50",
+    "is_bottleneck_3x3",
+    "PUBLISHED_FDCONV_EXTRA_PARAMS",
+    "PUBLISHED_DDF_RESNET_PARAMS",
     "is_bottleneck_conv",
     "paper_resnet50",
     "PUBLISHED_RESNET50_PARAMS",
@@ -35,6 +40,22 @@ PUBLISHED_RESNET50_PARAMS = {
     "+ ODConv (4x)": 90.67,
 }
 
+#: Parameter counts in millions in the DDF authors' README (theFoxofSky/ddfnet,
+#: table of ImageNet results); "mul" and "add" models have the same counts.
+#: Precision: one decimal.
+PUBLISHED_DDF_RESNET_PARAMS = {
+    "ddf_mul_resnet50": 16.8,
+    "ddf_add_resnet50": 16.8,
+    "ddf_mul_resnet101": 28.1,
+    "ddf_add_resnet101": 28.1,
+}
+
+#: Parameters FDConv adds to ResNet-50, in millions, in the FDConv README and the
+#: paper's abstract (Linwei-Chen/FDConv; Chen et al., CVPR 2025). Precision: one
+#: decimal.
+PUBLISHED_FDCONV_EXTRA_PARAMS = 3.6
+
+_BOTTLENECK_3X3 = re.compile(r"layer[1-4]\.\d+\.conv2")
 _BOTTLENECK = re.compile(r"layer[1-4]\.\d+\.conv[123]")
 
 
@@ -215,4 +236,113 @@ def paper_resnet50(
 
     return convert_conv2d(
         resnet50(weights=None, num_classes=num_classes), factory, is_bottleneck_conv
+    )
+
+
+def is_bottleneck_3x3(name: str, conv: nn.Conv2d) -> bool:
+    """Whether ``name`` is ``conv2``, the 3x3 convolution, of a ResNet bottleneck.
+
+    The layers the official DDF-ResNets replace (theFoxofSky/ddfnet,
+    ``ddf_resnet.py``: the bottleneck's ``conv2`` becomes a ``DDFPack``, which
+    carries the block's stride); everything else stays as it is.
+    """
+    return _BOTTLENECK_3X3.fullmatch(name) is not None
+
+
+def ddf_resnet(
+    depth: int = 50,
+    combine: str = "mul",
+    *,
+    se_ratio: float = 0.2,
+    num_classes: int = 1000,
+) -> nn.Module:
+    """The official DDF-ResNet (``ddf_{mul,add}_resnet{50,101}``), from torchvision.
+
+    Builds ``torchvision.models.resnet50`` / ``resnet101`` (``weights=None``) and
+    replaces the 3x3 ``conv2`` of every bottleneck (:func:`is_bottleneck_3x3`) by
+    :class:`refimpl.ddf.DDFConv2d` with ``kernel_size=3``, the block's stride and
+    ``se_ratio``, as theFoxofSky/ddfnet ``ddf_resnet.py`` does on timm's ResNet
+    (whose layers and parameter count are torchvision's: stride on the 3x3, no
+    anti-aliasing, dilation 1). Stem, 1x1 convolutions, shortcut projections and
+    classifier are unchanged. The dense 3x3 becomes a depthwise dynamic filter, so
+    nothing of it is preserved (``preserve=False``): the models train from scratch.
+
+    Parameter counts equal the official builds': 16.8M (ResNet-50) and 28.1M
+    (ResNet-101) in the authors' README, for either ``combine`` (chapter 5 counts
+    them to the unit).
+
+    Args:
+        depth: 50 or 101.
+        combine: ``"mul"`` or ``"add"``.
+        se_ratio: hidden width of the channel branches over their channels.
+        num_classes: size of the classifier.
+
+    Returns:
+        The network, in training mode, on the CPU in float32.
+    """
+    from torchvision.models import resnet50, resnet101  # only needed here
+
+    from ._validation import check_positive_int
+    from .ddf import DDFConv2d
+
+    owner = "ddf_resnet"
+    builders = {50: resnet50, 101: resnet101}
+    if depth not in builders or isinstance(depth, bool):
+        raise ValueError(f"{owner} expected depth 50 or 101, got {depth!r}")
+    check_positive_int(num_classes, "num_classes", owner=owner)
+
+    def factory(conv: nn.Conv2d) -> nn.Module:
+        return DDFConv2d.from_conv2d(
+            conv, preserve=False, combine=combine, se_ratio=se_ratio
+        )
+
+    model = builders[depth](weights=None, num_classes=num_classes)
+    return convert_conv2d(model, factory, is_bottleneck_3x3)
+
+
+def fdconv_resnet50(
+    num_kernels: int = 64, *, num_classes: int = 1000, **options
+) -> nn.Module:
+    """ResNet-50 with the official FDConv placement, from torchvision.
+
+    Every bottleneck convolution (conv1, conv2, conv3: 48 layers,
+    :func:`is_bottleneck_conv`) becomes :class:`refimpl.fdconv.FDConv2d` with
+    ``num_kernels`` frequency groups (64 in every published config; the class
+    default is 4), FBM on the 3x3 ones; the stem and the shortcut projections stay
+    plain, as the official ``ResNet_FDConv`` builds them (Linwei-Chen/FDConv,
+    ``mmdet_custom/resnet.py``: the stem would fall back to ``nn.Conv2d`` under the
+    official placement rule, :func:`refimpl.fdconv.fdconv_placement`, and the
+    projections are built without the FDConv config). The layers are freshly
+    initialised (``preserve=False``), as for training from scratch; use
+    ``FDConv2d.from_conv2d`` with ``preserve=True`` to convert pretrained weights.
+
+    Parameter count: the official build adds about 3.65M parameters to
+    ResNet-50's 25.56M, published as "+3.6M" (chapter 7 breaks it down by part).
+
+    Args:
+        num_kernels: frequency groups per layer.
+        num_classes: size of the classifier.
+        options: further :class:`refimpl.fdconv.FDConv2d` options.
+
+    Returns:
+        The network, in training mode, on the CPU in float32.
+    """
+    from torchvision.models import resnet50  # only needed here
+
+    from ._validation import check_positive_int
+    from .fdconv import FDConv2d, fdconv_placement
+
+    check_positive_int(num_kernels, "num_kernels", owner="fdconv_resnet50")
+    check_positive_int(num_classes, "num_classes", owner="fdconv_resnet50")
+
+    def factory(conv: nn.Conv2d) -> nn.Module:
+        return FDConv2d.from_conv2d(
+            conv, preserve=False, num_kernels=num_kernels, **options
+        )
+
+    def predicate(name: str, conv: nn.Conv2d) -> bool:
+        return is_bottleneck_conv(name, conv) and fdconv_placement(name, conv)
+
+    return convert_conv2d(
+        resnet50(weights=None, num_classes=num_classes), factory, predicate
     )

@@ -25,6 +25,10 @@ __all__ = [
     "plot_image_grid",
     "plot_sliding_window",
     "role_handles",
+    "plot_pixel_filters",
+    "draw_ddf_diagram",
+    "plot_frequency_partition",
+    "draw_fdconv_diagram",
 ]
 
 
@@ -407,3 +411,370 @@ def role_handles() -> list:
 
 def _fmt(a: int, b: int) -> str:
     return str(a) if a == b else f"({a},{b})"
+
+
+def plot_pixel_filters(
+    image,
+    spatial_filter,
+    pixels,
+    *,
+    suptitle: str | None = None,
+    panel_size: float = 1.6,
+):
+    """Draw the per-pixel filters a dynamic layer predicts, at a few pixels.
+
+    Left: ``image`` with each pixel of ``pixels`` marked by its number. Right: the
+    ``k x k`` filter predicted at each of those pixels (tap ``(u, v)`` is channel
+    ``u * k + v`` of ``spatial_filter``, as in :func:`refimpl.ddf.ddf`), on a colour
+    scale centred on zero and shared by the panels. Chapter 5 uses it for the
+    spatial filters of a trained DDF layer.
+
+    Args:
+        image: ``Tensor[H, W]``, the picture on which the pixels are marked (the
+            input the filters were predicted from, or a clean version of it).
+        spatial_filter: ``Tensor[k * k, H, W]``, one filter per pixel (one head of
+            a DDF spatial filter, for one sample).
+        pixels: ``(row, column)`` pairs, each inside the image.
+        suptitle: title of the whole figure.
+        panel_size: inches per filter panel.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        ValueError: if ``image`` is not 2-D, ``spatial_filter`` is not
+            ``[k * k, H, W]`` for a whole ``k``, ``pixels`` is empty, or a pixel
+            lies outside the image.
+    """
+    import math
+
+    import matplotlib.pyplot as plt
+
+    owner = "plot_pixel_filters"
+    picture, filters = _as_array(image), _as_array(spatial_filter)
+    if picture.ndim != 2:
+        raise ValueError(
+            f"{owner} expected a 2-D image, got shape {tuple(picture.shape)}"
+        )
+    h, w = picture.shape
+    k = math.isqrt(filters.shape[0]) if filters.ndim == 3 else 0
+    if filters.ndim != 3 or k * k != filters.shape[0] or filters.shape[1:] != (h, w):
+        raise ValueError(
+            f"{owner} expected spatial_filter of shape [k * k, {h}, {w}], got "
+            f"{tuple(filters.shape)}"
+        )
+    pixels = [tuple(int(v) for v in p) for p in pixels]
+    if not pixels:
+        raise ValueError(f"{owner} expected at least one pixel, got none")
+    for r, c in pixels:
+        if not (0 <= r < h and 0 <= c < w):
+            raise ValueError(
+                f"{owner} expected pixels inside the {h}x{w} image, got {(r, c)}"
+            )
+    n = len(pixels)
+    fig, axes = plt.subplots(
+        1,
+        n + 1,
+        figsize=(panel_size * (n + 2.2), panel_size * 1.6),
+        gridspec_kw={"width_ratios": [2] + [1] * n},
+    )
+    axes[0].imshow(picture, cmap="gray")
+    for i, (r, c) in enumerate(pixels, 1):
+        axes[0].text(
+            c,
+            r,
+            str(i),
+            ha="center",
+            va="center",
+            fontsize=9,
+            fontweight="bold",
+            color="black",
+            bbox={"boxstyle": "circle,pad=0.15", "facecolor": COLORS["kernel"]},
+        )
+    axes[0].set_xticks([])
+    axes[0].set_yticks([])
+    axes[0].set_title("input")
+    chosen = [filters[:, r, c].reshape(k, k) for r, c in pixels]
+    bound = max(float(abs(f).max()) for f in chosen) or 1.0
+    for i, (ax, f, (r, c)) in enumerate(zip(axes[1:], chosen, pixels), 1):
+        shown = ax.imshow(f, cmap="RdBu_r", vmin=-bound, vmax=bound)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{i}: ({r}, {c})")
+    fig.colorbar(shown, ax=list(axes[1:]), shrink=0.8, label="filter tap")
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+def _diagram_box(ax, x: float, y: float, text: str, *, color: str, dashed=False):
+    """A rounded box centred at ``(x, y)`` (axes fraction) holding ``text``."""
+    ax.text(
+        x,
+        y,
+        text,
+        ha="center",
+        va="center",
+        fontsize=8.5,
+        transform=ax.transAxes,
+        bbox={
+            "boxstyle": "round,pad=0.45",
+            "facecolor": color,
+            "edgecolor": "0.3",
+            "linestyle": "--" if dashed else "-",
+        },
+    )
+
+
+def _diagram_arrow(ax, start, end) -> None:
+    ax.annotate(
+        "",
+        xy=end,
+        xytext=start,
+        xycoords="axes fraction",
+        arrowprops={"arrowstyle": "->", "color": "0.25", "lw": 1.2},
+    )
+
+
+def draw_ddf_diagram(combine: str = "mul"):
+    """The data path of a DDF layer (chapter 5), as a box-and-arrow diagram.
+
+    The input feeds two branches: the spatial branch (a 1x1 convolution with the
+    layer's stride, then FilterNorm) predicts one ``k x k`` filter per output
+    pixel, shared by the channels; the channel branch (global average pooling,
+    two fully connected layers, FilterNorm with a learnable scale) predicts one
+    ``k x k`` filter per channel, shared by the pixels. They are combined by a
+    product (``"mul"``) or a sum (``"add"``) inside the depthwise filtering of
+    the input, which :func:`refimpl.ddf.ddf` does tap by tap, so that the
+    per-pixel, per-channel filter (dashed) is never stored.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        ValueError: ``combine`` is not ``"mul"`` or ``"add"``.
+    """
+    import matplotlib.pyplot as plt
+
+    if combine not in ("mul", "add"):
+        raise ValueError(
+            f"draw_ddf_diagram expected combine 'mul' or 'add', got {combine!r}"
+        )
+    sign = "\u2299" if combine == "mul" else "+"
+    fig, ax = plt.subplots(figsize=(8.4, 3.4))
+    ax.set_axis_off()
+    data, branch, result = "#dbe9f6", "#fbe3c8", "#d9efd9"
+    _diagram_box(ax, 0.07, 0.5, "input X\n[N, C, H, W]", color=data)
+    _diagram_box(
+        ax,
+        0.33,
+        0.82,
+        "spatial branch\n1x1 conv (stride s)\n-> FilterNorm (gain/k)",
+        color=branch,
+    )
+    _diagram_box(
+        ax,
+        0.33,
+        0.18,
+        "channel branch\nGAP -> FC -> ReLU -> FC\n-> FilterNorm (x scale)",
+        color=branch,
+    )
+    _diagram_box(
+        ax, 0.6, 0.82, "spatial filter\n[N, k*k, H', W']\nper pixel", color=data
+    )
+    _diagram_box(ax, 0.6, 0.18, "channel filter\n[N, C, k, k]\nper channel", color=data)
+    _diagram_box(
+        ax,
+        0.6,
+        0.5,
+        f"per-pixel filter\nchannel {sign} spatial\n[N, C, k*k, H', W']"
+        "\n(never stored)",
+        color="white",
+        dashed=True,
+    )
+    _diagram_box(
+        ax,
+        0.88,
+        0.5,
+        "depthwise filtering\nof X, tap by tap\n-> output [N, C, H', W']",
+        color=result,
+    )
+    for start, end in [
+        ((0.13, 0.56), (0.23, 0.78)),
+        ((0.13, 0.44), (0.23, 0.22)),
+        ((0.465, 0.82), (0.52, 0.82)),
+        ((0.465, 0.18), (0.52, 0.18)),
+        ((0.6, 0.72), (0.6, 0.63)),
+        ((0.6, 0.28), (0.6, 0.37)),
+        ((0.69, 0.5), (0.77, 0.5)),
+        ((0.07, 0.38), (0.07, 0.04)),
+    ]:
+        _diagram_arrow(ax, start, end)
+    ax.annotate(
+        "",
+        xy=(0.88, 0.37),
+        xytext=(0.07, 0.04),
+        xycoords="axes fraction",
+        arrowprops={
+            "arrowstyle": "->",
+            "color": "0.25",
+            "lw": 1.2,
+            "connectionstyle": "angle,angleA=0,angleB=90,rad=0",
+        },
+    )
+    ax.set_title(f"DDF ({combine!r}): two cheap branches, one depthwise filtering")
+    return fig
+
+
+def plot_frequency_partition(
+    partition,
+    *,
+    ax=None,
+    title: str | None = None,
+):
+    """Draw the group of every bin of a real 2-D spectrum (FDConv's partition).
+
+    ``partition`` is the ``Tensor[H, W // 2 + 1]`` of group ids that
+    :func:`refimpl.fdconv.frequency_partition` returns for the ``rfft2`` of an
+    ``H x W`` matrix. Rows are shifted so that the vertical frequency runs from
+    about -0.5 (top) to 0.5 (bottom) with DC in the middle; columns are the
+    non-negative horizontal frequencies 0 to 0.5. One colour per group, low
+    (dark) to high (bright) frequency.
+
+    Args:
+        partition: ``Tensor[H, W']`` or array-like of integer group ids.
+        ax: axes to draw into (default: a new figure).
+        title: axes title.
+
+    Returns:
+        The ``matplotlib.figure.Figure`` holding ``ax``.
+
+    Raises:
+        ValueError: if ``partition`` is not 2-D or holds negative or
+            non-integer ids.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = _as_array(partition)
+    if values.ndim != 2:
+        raise ValueError(
+            f"plot_frequency_partition expected a 2-D partition, got "
+            f"{values.ndim} dimensions (shape {values.shape})"
+        )
+    if values.size and (values.min() < 0 or not np.all(values == np.round(values))):
+        raise ValueError(
+            "plot_frequency_partition expected non-negative integer group ids"
+        )
+    groups = int(values.max()) + 1 if values.size else 1
+    height, cols = values.shape
+    shifted = np.fft.fftshift(values, axes=0)
+    fy = np.fft.fftshift(np.fft.fftfreq(height))
+    step = 1.0 / height
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.6, 3.4))
+    cmap = plt.get_cmap("viridis", groups)
+    image = ax.imshow(
+        shifted,
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=groups - 0.5,
+        aspect="auto",
+        extent=(
+            -0.5 / (2 * (cols - 1) or 1),
+            0.5 + 0.5 / (2 * (cols - 1) or 1),
+            fy[-1] + step / 2,
+            fy[0] - step / 2,
+        ),
+    )
+    ax.set_xlabel("horizontal frequency (rfft)")
+    ax.set_ylabel("vertical frequency")
+    bar = ax.figure.colorbar(image, ax=ax, shrink=0.85)
+    bar.set_label("group")
+    bar.set_ticks(list(range(groups)) if groups <= 8 else [0, groups - 1])
+    ax.set_title(title or f"{groups} groups over {height} x {cols} bins")
+    return ax.figure
+
+
+def draw_fdconv_diagram():
+    """The data path of an FDConv layer (chapter 7), as a box-and-arrow diagram.
+
+    The pooled input drives Kernel Spatial Modulation: its global branch
+    predicts the channel, filter, spatial and kernel attentions, its local
+    branch a dense modulation of every weight. The kernel attention mixes the
+    ``n`` disjoint-spectrum kernels of the Fourier disjoint weight (one stored
+    spectrum, cut into frequency groups, each transformed back by ``irfft2``);
+    the modulations multiply the mixed kernel. In parallel, Frequency Band
+    Modulation splits the input into frequency bands and reweights each band
+    pixel by pixel; the per-sample kernel convolves the result.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9.0, 4.2))
+    ax.set_axis_off()
+    data, branch, result = "#dbe9f6", "#fbe3c8", "#d9efd9"
+    _diagram_box(ax, 0.07, 0.5, "input X\n[N, C_in, H, W]", color=data)
+    _diagram_box(ax, 0.25, 0.86, "GAP\n[N, C_in]", color=data)
+    _diagram_box(
+        ax,
+        0.47,
+        0.86,
+        "KSM global: FC-BN-StarReLU\nchannel, filter, spatial\n"
+        "2 sigmoid; kernel 2/n sigmoid",
+        color=branch,
+    )
+    _diagram_box(
+        ax,
+        0.47,
+        0.6,
+        "KSM local: LN, Conv1d\nalong channels, 2 sigmoid\n[N, C_out, C_in, k, k]",
+        color=branch,
+    )
+    _diagram_box(
+        ax,
+        0.77,
+        0.86,
+        "FDW: one spectrum, n groups\nn kernels irfft2(1_Gj Theta)\n"
+        "mixed by kernel attention",
+        color=data,
+    )
+    _diagram_box(
+        ax,
+        0.77,
+        0.6,
+        "per-sample kernel\nW_b = a_s a_c a_f W_fdw hr\n[N, C_out, C_in, k, k]",
+        color="white",
+        dashed=True,
+    )
+    _diagram_box(
+        ax,
+        0.35,
+        0.2,
+        "FBM: rfft2 -> bands\n(L_b-1 - L_b), 3x3 conv maps\nA_b per pixel, sum + L_B",
+        color=branch,
+    )
+    _diagram_box(
+        ax,
+        0.77,
+        0.25,
+        "per-sample convolution\nW_b * FBM(X)_b + bias\n-> [N, C_out, H', W']",
+        color=result,
+    )
+    for start, end in [
+        ((0.1, 0.6), (0.2, 0.8)),
+        ((0.3, 0.86), (0.355, 0.86)),
+        ((0.3, 0.82), (0.36, 0.66)),
+        ((0.585, 0.86), (0.655, 0.86)),
+        ((0.56, 0.79), (0.68, 0.68)),
+        ((0.77, 0.77), (0.77, 0.69)),
+        ((0.585, 0.6), (0.67, 0.6)),
+        ((0.07, 0.38), (0.22, 0.24)),
+        ((0.48, 0.2), (0.66, 0.23)),
+        ((0.77, 0.51), (0.77, 0.34)),
+    ]:
+        _diagram_arrow(ax, start, end)
+    ax.set_title("FDConv: frequency-disjoint kernels, modulated per sample and band")
+    return fig

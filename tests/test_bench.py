@@ -83,7 +83,8 @@ def caller_untouched(monkeypatch):
 def test_every_case_runs_and_ratios_are_relative_to_the_baseline(caller_untouched):
     """Every case runs, peak memory included (in fresh processes on Linux), and
     the calling process never changes its own allocator or /proc settings."""
-    names = [n for n in bench.CASES if n != "conv2d"]
+    # ddf_compiled would spend most of the test in Inductor; see its own test
+    names = [n for n in bench.CASES if n not in ("conv2d", "ddf_compiled")]
     lines = []
     rows = bench.run(
         names, TINY, CPU, min_run_time=0.01, rounds=1, progress=lines.append
@@ -269,3 +270,65 @@ def test_run_checks_its_arguments():
 def test_registering_a_name_twice_is_an_error():
     with pytest.raises(ValueError, match="registered twice"):
         bench.register("conv2d")(lambda spec, device, dtype: None)
+
+
+def test_the_compiled_ddf_case_is_the_eager_one_compiled(monkeypatch):
+    compiled, real_compile = [], torch.compile
+
+    def fake_compile(fn, **kwargs):  # record, then compile without Inductor
+        compiled.append(kwargs)
+        return real_compile(fn, backend="eager", **kwargs)
+
+    eager = bench.CASES["ddf"](TINY, CPU, torch.float32)
+    monkeypatch.setattr(bench.torch, "compile", fake_compile)
+    case = bench.CASES["ddf_compiled"](TINY, CPU, torch.float32)
+    assert compiled == [{"dynamic": False}] and "torch.compile" in case.note
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(case.fn(x), eager.fn(x))
+    torch._dynamo.reset()
+
+
+def test_depthwise_cases_skip_other_shapes():
+    spec = bench.BenchSpec(batch=2, in_channels=4, out_channels=6, size=8)
+    for name in ("conv2d_depthwise", "ddf", "DDFConv2d"):
+        with pytest.raises(bench.SkipCase, match="needs in_channels == out_channels"):
+            bench.CASES[name](spec, CPU, torch.float32)
+
+
+def test_counts_are_the_papers_macs_and_the_layers_parameters():
+    spec = bench.BenchSpec(batch=2, in_channels=4, out_channels=6, size=8)
+    params, macs = bench.counts(
+        bench.CASES["conv2d"](spec, CPU, torch.float32), spec, CPU, torch.float32
+    )
+    # one multiply-add per weight and output pixel (padding 1 keeps 8 x 8)
+    assert macs == 2 * 6 * 8 * 8 * 4 * 3 * 3
+    assert params == 6 * 4 * 3 * 3 + 6
+    square = bench.BenchSpec(batch=2, in_channels=4, out_channels=4, size=8)
+    case = bench.CASES["ddf"](square, CPU, torch.float32)
+    assert bench.counts(case, square, CPU, torch.float32) == (None, 2 * 4 * 64 * 9)
+    layer = bench.CASES["DDFConv2d"](square, CPU, torch.float32)
+    params, macs = bench.counts(layer, square, CPU, torch.float32)
+    assert params == sum(p.numel() for p in layer.fn.parameters())
+    # the filtering plus the branches' 1x1 convolution and linear layers
+    branches = 2 * (9 * 4 * 64 + 4 * 1 + 1 * 36)
+    assert macs == 2 * 4 * 64 * 9 + branches
+
+
+def test_stages_cover_every_shape_and_batch(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "RESNET50_STAGES", ((4, 8), (8, 4)))
+    monkeypatch.setattr(bench, "_fresh_process_available", lambda: False)
+    prefix = tmp_path / "stages"
+    args = "--device cpu --stages --stage-batches 1 2 --ops conv2d_depthwise ddf"
+    args += f" --min-run-time 0.01 --rounds 1 --output {prefix}"
+    assert bench.main(args.split()) == 0
+    table = (tmp_path / "stages_cpu.md").read_text()
+    rows = [
+        line
+        for line in table.splitlines()
+        if line.startswith("| ") and "---" not in line
+    ]
+    assert len(rows) == 1 + 2 * 2 * 3  # header, then batches x stages x cases
+    for batch, shape in [(1, "4, 8²"), (2, "8, 4²")]:
+        assert f"| {batch} | {shape} | ddf |" in table
+    assert (tmp_path / "stages_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in capsys.readouterr().out

@@ -9,6 +9,15 @@ Each layer is built with its dynamic branch *randomised* (:func:`make`), so that
 check cannot pass because the branch is inert at initialisation (zero offsets, a
 uniform attention). ODConv's attention BatchNorm is in eval mode (running
 statistics) wherever samples are compared one by one.
+
+DDF is depthwise by nature (``DDFConv2d(channels, kernel_size, stride, dilation)``,
+padding ``(k - 1) * dilation / 2``, no bias, no padding modes): its row is marked
+``depthwise`` and :func:`build` maps ``nn.Conv2d``'s arguments onto its own, with
+``out_channels = groups = in_channels``. The checks of surface it does not have
+(other channel counts, padding modes, bias, ``nn.Conv2d``'s constructor) are
+not generated for it; ``tests/test_ddf.py`` checks its own constructor and errors.
+FDConv transforms the whole ``C_out x C_in`` weight, so it has no ``groups``: its
+rows are marked ``grouped=False`` and see only the geometries with ``groups=1``.
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import refimpl
-from refimpl import CondConv2d, DeformConv2d, DynamicConv2d, ODConv2d
+from refimpl import CondConv2d, DDFConv2d, DeformConv2d, DynamicConv2d, ODConv2d
 from refimpl._conv import PADDING_MODES, Conv2dBase
+from refimpl.fdconv import FDConv2d
 from refimpl.models import convert_conv2d
 
 from conftest import DEVICES, randn, tolerance
@@ -42,6 +52,12 @@ class Row:
     # standard deviation of the random dynamic-branch parameters (see ``make``)
     branch_scale: float = 0.5
     id: str = ""
+    # DDF: C -> C, groups = C, padding (k - 1) * dilation / 2, no bias
+    depthwise: bool = False
+    # the parameter that must receive a gradient (the main kernel)
+    main: str = "weight"
+    # whether the operator takes groups > 1
+    grouped: bool = True
 
     def __str__(self) -> str:
         return self.id or self.cls.__name__
@@ -53,7 +69,33 @@ ROWS = [
     Row(ODConv2d, {"num_kernels": 2}, id="ODConv2d"),
     Row(ODConv2d, {"num_kernels": 1, "attention_norm": None}, id="ODConv2d-1x"),
     Row(DeformConv2d, {"modulated": True}, branch_scale=0.05, id="DeformConv2d"),
+    Row(
+        FDConv2d,
+        {"num_kernels": 2, "placement": "any"},
+        branch_scale=0.3,
+        main="fdw.dft_weight",
+        grouped=False,
+        id="FDConv2d",
+    ),
+    Row(
+        FDConv2d,
+        {"num_kernels": 3, "fbm": True, "order": "io", "placement": "any"},
+        branch_scale=0.3,
+        main="fdw.dft_weight",
+        grouped=False,
+        id="FDConv2d-io",
+    ),
+    Row(DDFConv2d, {"head": 2}, depthwise=True, main="spatial.weight", id="DDFConv2d"),
+    Row(
+        DDFConv2d,
+        {"combine": "add"},
+        branch_scale=0.3,
+        depthwise=True,
+        main="spatial.weight",
+        id="DDFConv2d-add",
+    ),
 ]
+CONV2D_ROWS = [row for row in ROWS if not row.depthwise]
 
 # Constructor errors that every operator must raise the same way:
 # (override of the arguments (4, 6, 3), error type, message after the class name)
@@ -113,6 +155,43 @@ OWN_ERRORS = {
 }
 
 
+_CONV2D_ARGS = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "bias",
+    "padding_mode",
+)
+
+
+def build(row: Row, *args, **kwargs) -> Conv2dBase:
+    """The row's layer from ``nn.Conv2d``'s arguments (fresh initialisation).
+
+    A depthwise row takes ``in_channels``, ``kernel_size``, ``stride`` and
+    ``dilation``; ``out_channels`` and ``groups`` become ``in_channels``, and a
+    padding, bias or padding mode it cannot have fails the test that asks.
+    """
+    if not row.depthwise:
+        return row.cls(*args, **{**row.options, **kwargs})
+    conv = dict(zip(_CONV2D_ARGS, args))
+    for name in _CONV2D_ARGS:
+        if name in kwargs:
+            conv[name] = kwargs.pop(name)
+    c, k = conv["in_channels"], conv["kernel_size"]
+    stride, dilation = conv.get("stride", 1), conv.get("dilation", 1)
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    natural = ((k - 1) * dh // 2, (k - 1) * dw // 2)
+    padding = conv.get("padding", natural)
+    padding = (padding, padding) if isinstance(padding, int) else tuple(padding)
+    if padding != natural or conv.get("padding_mode", "zeros") != "zeros":
+        raise AssertionError(f"{row} cannot take padding {padding!r}")
+    return row.cls(c, k, stride, dilation, **{**row.options, **kwargs})
+
+
 def make(
     row: Row, *args, seed: int = 0, dtype=torch.float64, device="cpu", **kwargs
 ) -> Conv2dBase:
@@ -122,8 +201,7 @@ def make(
     offsets) gets ``N(0, branch_scale^2)`` entries so that it really depends on the
     input. BatchNorm statistics are set to non-trivial values too.
     """
-    options = {**row.options, **kwargs}
-    layer = row.cls(*args, dtype=dtype, **options)
+    layer = build(row, *args, dtype=dtype, **kwargs)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in layer.named_parameters():
@@ -141,6 +219,7 @@ def make(
 
 
 rows = pytest.mark.parametrize("row", ROWS, ids=str)
+conv2d_rows = pytest.mark.parametrize("row", CONV2D_ROWS, ids=str)
 
 # (in, out, kernel, stride, padding, dilation, groups, padding_mode, size)
 GEOMETRIES = [
@@ -152,7 +231,27 @@ GEOMETRIES = [
     (4, 2, 3, (1, 2), "valid", 1, 2, "replicate", (6, 8)),
     (2, 4, 3, 3, 2, 1, 1, "replicate", (11, 10)),
 ]
-geometries = pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+# depthwise geometries for DDF: C -> C, groups C, padding (k - 1) * d / 2
+DEPTHWISE_GEOMETRIES = [
+    (4, 4, 3, 1, 1, 1, 4, "zeros", (7, 8)),
+    (4, 4, 3, 2, 2, 2, 4, "zeros", (9, 7)),  # the stride divides neither size
+    (2, 2, 5, (1, 3), (2, 2), 1, 2, "zeros", (6, 9)),
+    (6, 6, 3, (2, 1), (1, 2), (1, 2), 6, "zeros", (8, 5)),
+]
+
+
+def _row_geometries(row: Row) -> list:
+    if row.depthwise:
+        return DEPTHWISE_GEOMETRIES
+    return [g for g in GEOMETRIES if row.grouped or g[6] == 1]
+
+
+ROW_GEOMETRIES = [
+    pytest.param(row, geometry, id=f"{row}-{geometry}")
+    for row in ROWS
+    for geometry in _row_geometries(row)
+]
+rows_and_geometries = pytest.mark.parametrize("row, geometry", ROW_GEOMETRIES)
 
 
 def _conv(geometry, dtype=torch.float64) -> nn.Conv2d:
@@ -162,14 +261,13 @@ def _conv(geometry, dtype=torch.float64) -> nn.Conv2d:
 
 def _layer(row, geometry, **kwargs):
     c_in, c_out, k, s, p, d, g, mode, _ = geometry
-    return make(row, c_in, c_out, k, s, p, d, g, True, mode, **kwargs)
+    return make(row, c_in, c_out, k, s, p, d, g, not row.depthwise, mode, **kwargs)
 
 
 # --- shapes and batching --------------------------------------------------------------
 
 
-@rows
-@geometries
+@rows_and_geometries
 def test_output_shape_is_conv2d_shape(row, geometry):
     layer = _layer(row, geometry)
     x = randn(2, geometry[0], *geometry[-1])
@@ -182,17 +280,16 @@ def test_batch_sizes_compute_every_sample_on_its_own(row, n):
     layer = make(row, 4, 6, 3, padding=1)
     x = randn(n, 4, 5, 6, seed=n)
     out = layer(x)
-    assert out.shape == (n, 6, 5, 6)
+    assert out.shape == (n, layer.out_channels, 5, 6)
     if n:
         one_by_one = torch.cat([layer(x[i : i + 1]) for i in range(n)])
         torch.testing.assert_close(out, one_by_one, **F64)
     else:
         out.sum().backward()  # the graph reaches the parameters, as nn.Conv2d's
-        assert layer.weight.grad is not None
+        assert layer.get_parameter(row.main).grad is not None
 
 
-@rows
-@geometries
+@rows_and_geometries
 def test_unbatched_input_is_a_batch_of_one(row, geometry):
     layer = _layer(row, geometry)
     x = randn(geometry[0], *geometry[-1], seed=3)
@@ -222,7 +319,8 @@ def test_module_to_channels_last(row):
     x = randn(2, 4, 6, 6, seed=5)
     expected = layer(x)
     layer = layer.to(memory_format=torch.channels_last)
-    kernels = layer.weight.flatten(0, layer.weight.dim() - 4)
+    main = layer.get_parameter(row.main)
+    kernels = main.flatten(0, main.dim() - 4)
     assert kernels.is_contiguous(memory_format=torch.channels_last)
     if kernels.shape[1] > 1 and kernels.shape[-1] * kernels.shape[-2] > 1:
         assert not kernels.is_contiguous()  # the conversion really happened
@@ -312,25 +410,40 @@ def test_strict_load_without_the_temperature_entry(row):
         fresh.load_state_dict({**state, "surprise": torch.zeros(1)}, strict=True)
 
 
-@rows
-@geometries
+@rows_and_geometries
 @pytest.mark.parametrize("bias", [True, False])
 def test_from_conv2d_preserves_the_function(row, geometry, bias):
     torch.manual_seed(0)
     c_in, c_out, k, s, p, d, g, mode, size = geometry
+    if row.depthwise and bias:
+        # DDF has no bias: converting a convolution with one must say so
+        conv = nn.Conv2d(c_in, c_out, k, s, p, d, g, True, mode, dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"without bias"):
+            row.cls.from_conv2d(conv, **{**row.options, "combine": "add"})
+        return
+    if row.options.get("combine", "mul") == "mul" and row.depthwise:
+        # with 'mul' no static filter is reachable (zero-mean spatial filters)
+        conv = nn.Conv2d(c_in, c_out, k, s, p, d, g, False, mode, dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"expected combine='add' to preserve"):
+            row.cls.from_conv2d(conv, **row.options)
+        return
     conv = nn.Conv2d(c_in, c_out, k, s, p, d, g, bias, mode, dtype=torch.float64)
     layer = row.cls.from_conv2d(conv, **row.options).eval()
     assert isinstance(layer, row.cls)
     x = randn(3, c_in, *size, seed=10)
     torch.testing.assert_close(layer(x), conv(x), **F64)
     # the kernels differ from one another, so training can tell them apart
-    if layer.weight.dim() == 5 and layer.weight.shape[0] > 1:
-        assert not torch.allclose(layer.weight[0], layer.weight[1])
+    weight = getattr(layer, "weight", None)
+    if weight is not None and weight.dim() == 5 and weight.shape[0] > 1:
+        assert not torch.allclose(weight[0], weight[1])
 
 
 @rows
 def test_from_conv2d_in_float32_and_convert_conv2d(row):
     torch.manual_seed(1)
+    if row.depthwise:
+        _convert_depthwise(row)
+        return
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         nn.ReLU(),
@@ -346,38 +459,71 @@ def test_from_conv2d_in_float32_and_convert_conv2d(row):
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def _convert_depthwise(row):
+    # the depthwise convolutions of a small network, converted function-preserving
+    # where the method can be ('add'), else replaced by fresh layers
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8, bias=False),
+    ).eval()
+    x = randn(2, 3, 9, 9, seed=11, dtype=torch.float32)
+    expected = model(x)
+    preserve = row.options.get("combine", "mul") == "add"
+
+    def factory(conv):
+        return row.cls.from_conv2d(conv, preserve=preserve, **row.options)
+
+    convert_conv2d(model, factory, lambda name, conv: conv.groups > 1)
+    assert isinstance(model[0], nn.Conv2d)
+    assert all(isinstance(model[i], row.cls) for i in (2, 5))
+    out = model(x)
+    assert out.shape == expected.shape
+    if preserve:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 @rows
 def test_meta_device(row):
-    layer = row.cls(4, 6, 3, padding=1, device="meta", **row.options).eval()
+    layer = build(row, 4, 6, 3, padding=1, device="meta").eval()
     assert all(p.is_meta for p in layer.parameters())
     out = layer(torch.empty(2, 4, 7, 5, device="meta"))
-    assert out.is_meta and out.shape == (2, 6, 7, 5)
+    c_out = layer.out_channels
+    assert out.is_meta and out.shape == (2, c_out, 7, 5)
     layer = layer.to_empty(device="cpu")
     layer.reset_parameters()
-    assert layer(torch.zeros(1, 4, 3, 3)).shape == (1, 6, 3, 3)
+    assert layer(torch.zeros(1, 4, 3, 3)).shape == (1, c_out, 3, 3)
 
 
 @rows
 def test_integer_likes_are_accepted(row):
-    layer = row.cls(
-        np.int64(4),
-        np.int32(6),
-        (np.int64(3), 3),
-        stride=np.int16(1),
-        padding=np.int64(1),
-        **row.options,
-    ).eval()
+    if row.depthwise:
+        layer = row.cls(np.int64(4), np.int32(3), stride=np.int16(1), **row.options)
+    else:
+        layer = row.cls(
+            np.int64(4),
+            np.int32(6),
+            (np.int64(3), 3),
+            stride=np.int16(1),
+            padding=np.int64(1),
+            **row.options,
+        )
+    layer = layer.eval()
     assert layer.kernel_size == (3, 3) and type(layer.in_channels) is int
-    assert layer(torch.zeros(1, 4, 5, 5)).shape == (1, 6, 5, 5)
+    assert layer(torch.zeros(1, 4, 5, 5)).shape == (1, layer.out_channels, 5, 5)
 
 
-@rows
+@conv2d_rows
 def test_extra_repr_follows_conv2d(row):
-    layer = row.cls(4, 6, 3)
-    conv = nn.Conv2d(4, 6, 3)
+    layer = row.cls(32, 48, 3)  # wide enough for every default placement rule
+    conv = nn.Conv2d(32, 48, 3)
     assert layer.extra_repr() == conv.extra_repr()  # defaults are omitted
-    layer = row.cls(4, 6, (3, 1), 2, "valid", 1, 2, False, "reflect", **row.options)
-    conv = nn.Conv2d(4, 6, (3, 1), 2, "valid", 1, 2, False, "reflect")
+    g = 2 if row.grouped else 1
+    layer = row.cls(4, 6, (3, 1), 2, "valid", 1, g, False, "reflect", **row.options)
+    conv = nn.Conv2d(4, 6, (3, 1), 2, "valid", 1, g, False, "reflect")
     text = layer.extra_repr()
     assert text.startswith(conv.extra_repr())
     for name, value in row.options.items():
@@ -455,7 +601,7 @@ def test_non_finite_pixels_never_raise_and_stay_in_their_sample(row, dtype, valu
     torch.testing.assert_close(out[1], clean[1], rtol=0, atol=0)
 
 
-@rows
+@conv2d_rows
 @pytest.mark.parametrize("override, error, match", COMMON_ERRORS, ids=str)
 def test_constructor_errors_are_the_same_for_every_operator(
     row, override, error, match
@@ -484,7 +630,10 @@ def test_constructor_errors_of_each_operator(cls, override, error, match):
 
 @rows
 def test_forward_errors(row):
-    layer = row.cls(4, 6, 3, dilation=2, **row.options)
+    if row.depthwise:  # DDF pads by (k - 1) * d / 2: any size >= 1 is enough
+        layer = build(row, 4, 4, 3, dilation=2, padding=2)
+    else:
+        layer = build(row, 4, 6, 3, dilation=2)
     name = row.cls.__name__
     cases = [
         ([1.0], TypeError, r"expected input to be a torch\.Tensor, got list"),
@@ -517,11 +666,18 @@ def test_forward_errors(row):
             r"\(5\) along height",
         ),
     ]
+    if row.depthwise:
+        cases = cases[:-1]
     for value, error, match in cases:
         with pytest.raises(error, match=rf"^{name} {match}"):
             layer(value)
         with pytest.raises(error, match=rf"^{name} {match}"):
             layer.dynamic_tensors(value)
+    meta = build(row, 4, 6, 3, device="meta", padding=1).eval()
+    with pytest.raises(TypeError, match=rf"^{name} expected input of dtype"):
+        meta(torch.empty(2, 4, 5, 5, device="meta", dtype=torch.float64))
+    if row.depthwise:
+        return  # no padding modes
     reflect = row.cls(4, 6, 3, padding=3, padding_mode="reflect", **row.options)
     with pytest.raises(
         ValueError,
@@ -529,9 +685,6 @@ def test_forward_errors(row):
         r"height \(3\)",
     ):
         reflect(torch.zeros(4, 3, 9))
-    meta = row.cls(4, 6, 3, device="meta", **row.options).eval()
-    with pytest.raises(TypeError, match=rf"^{name} expected input of dtype"):
-        meta(torch.empty(2, 4, 5, 5, device="meta", dtype=torch.float64))
 
 
 # --- the dynamic part and the temperature ---------------------------------------------
@@ -551,6 +704,13 @@ def test_dynamic_tensors_feed_the_functional_form(row):
     if row.cls is DeformConv2d:
         offset, mask = dynamic
         out = refimpl.deform_conv2d(x, offset, layer.weight, layer.bias, 1, 1, 1, mask)
+    elif row.cls is DDFConv2d:
+        out = refimpl.ddf.ddf_reference(x, *dynamic, 3, 1, 1, layer.combine)
+    elif row.cls is FDConv2d:
+        k_list = layer.fbm.k_list if layer.fbm is not None else ()
+        out = refimpl.fdconv.fdconv2d(
+            x, *dynamic, layer.bias, 1, 1, 1, k_list=k_list, order=layer.order
+        )
     else:
         out = functional[row.cls](x, *dynamic, layer.weight, layer.bias, 1, 1, 1, 1)
     torch.testing.assert_close(out, layer(x), **F64)
@@ -575,7 +735,7 @@ def test_set_temperature_touches_only_refimpl_layers():
         refimpl.set_temperature([model], 1.0)
 
 
-@rows
+@conv2d_rows
 @pytest.mark.parametrize(
     "mode", ["zeros", "reflect", "replicate", "circular", "constant", "mirror", ""]
 )
@@ -601,7 +761,7 @@ def test_functional_padding_is_conv2d_padding():
     conv = nn.Conv2d(2, 2, (2, 4), padding="same", dtype=torch.float64)
     x = randn(1, 2, 5, 6, seed=14)
     reference = F.conv2d(F.pad(x, (1, 2, 0, 1)), conv.weight, conv.bias)
-    for row in ROWS:
+    for row in CONV2D_ROWS:
         layer = row.cls.from_conv2d(conv, **row.options).eval()
         torch.testing.assert_close(layer(x), reference, **F64)
 
@@ -611,6 +771,51 @@ def test_functional_forms_check_dtypes_and_take_input_by_name(row):
     layer = make(row, 4, 6, 3, padding=1, dtype=torch.float32)
     x = randn(2, 4, 5, 5, seed=15, dtype=torch.float32)
     dynamic = layer.dynamic_tensors(x)
+    if row.cls is FDConv2d:
+        k_list = layer.fbm.k_list if layer.fbm is not None else ()
+
+        def call(input, kernels):
+            return refimpl.fdconv.fdconv2d(
+                input=input,
+                band_weights=dynamic.band_weights,
+                channel_attention=dynamic.channel_attention,
+                filter_attention=dynamic.filter_attention,
+                spatial_attention=dynamic.spatial_attention,
+                kernels=kernels,
+                bias=layer.bias,
+                padding=1,
+                k_list=k_list,
+                order=layer.order,
+            )
+
+        torch.testing.assert_close(call(x, dynamic.kernels), layer(x))
+        with pytest.raises(
+            TypeError,
+            match=r"^fdconv2d expected kernels with the dtype of the input "
+            r"\(torch\.float32\), got torch\.float64",
+        ):
+            call(x, dynamic.kernels.double())
+        return
+    if row.cls is DDFConv2d:
+        name = "ddf"
+
+        def call(input, weight, dynamic=dynamic):
+            return refimpl.ddf.ddf(
+                input=input,
+                channel_filter=weight,
+                spatial_filter=dynamic.spatial_filter,
+                kernel_size=3,
+                combine=layer.combine,
+            )
+
+        torch.testing.assert_close(call(x, dynamic.channel_filter), layer(x))
+        with pytest.raises(
+            TypeError,
+            match=rf"^{name} expected channel_filter with the dtype of the input "
+            r"\(torch\.float32\), got torch\.float64",
+        ):
+            call(x, dynamic.channel_filter.double())
+        return
     if row.cls is DeformConv2d:
         fn, name = refimpl.deform_conv2d, "deform_conv2d"
 

@@ -226,3 +226,67 @@ def test_band_mask_low_pass_of_a_constant_and_rfft_layout():
 def test_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_spectral_similarity_by_definition():
+    from refimpl.frequency import spectral_similarity
+
+    bank = randn(3, 2, 2, 3, 3)
+    sim = spectral_similarity(bank, 8)
+    spectra = [frequency_response(b, 8).flatten() for b in bank]
+    for i in range(3):
+        for j in range(3):
+            expected = spectra[i] @ spectra[j] / (spectra[i].norm() * spectra[j].norm())
+            assert math.isclose(sim[i, j].item(), expected.item(), rel_tol=1e-12)
+    assert sim.dtype == torch.float64 and sim.shape == (3, 3)
+    assert torch.allclose(sim, sim.T)
+    assert torch.allclose(sim.diag(), torch.ones(3, dtype=torch.float64))
+    # default size: the kernel size itself
+    assert torch.allclose(
+        spectral_similarity(bank), spectral_similarity(bank, (3, 3)), atol=0
+    )
+
+
+def test_spectral_similarity_invariances_and_disjoint_spectra():
+    from refimpl.frequency import spectral_similarity
+
+    kernel = randn(1, 1, 3, 3)
+    bank = torch.stack([kernel, -2 * kernel, kernel.flip(-2, -1)])
+    # magnitudes ignore the sign, the scale and a 180-degree turn (conjugate)
+    assert torch.allclose(spectral_similarity(bank, 16), torch.ones(3, 3).double())
+    # in the matrix layout, a constant matrix (DC only) and a cosine along
+    # the rows (two bins) have disjoint spectra
+    u = torch.arange(6, dtype=torch.float64)
+    cosine = torch.cos(2 * math.pi * u / 3)[:, None].expand(6, 6)
+    members = torch.stack([torch.ones(6, 6, dtype=torch.float64), cosine])
+    bank = members.reshape(2, 2, 3, 2, 3).transpose(2, 3)  # from the matrix
+    sim = spectral_similarity(bank, layout="matrix")
+    assert abs(sim[0, 1].item()) < 1e-12
+    # zero-padded, the 3x3 pieces of the two members overlap in frequency
+    assert spectral_similarity(bank, 8, layout="kernel")[0, 1] > 0.1
+
+
+def test_spectral_similarity_of_random_kernels_is_about_pi_over_4():
+    from refimpl.frequency import spectral_similarity
+
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(2, 64, 64, 3, 3, generator=g, dtype=torch.float64)
+    for layout in ("kernel", "matrix"):
+        sim = spectral_similarity(bank, 8, layout=layout)[0, 1].item()
+        assert abs(sim - math.pi / 4) < 0.02, (layout, sim)
+
+
+@pytest.mark.parametrize(
+    "bank, kwargs, error, match",
+    [
+        (torch.ones(2, 3, 3, dtype=torch.int64), {}, TypeError, "expected bank"),
+        (torch.ones(3, 3), {}, ValueError, "at least 3"),
+        (torch.ones(2, 3, 3), {"layout": "matrix"}, ValueError, "for layout"),
+        (torch.ones(2, 3, 3), {"layout": "rows"}, ValueError, "layout 'kernel'"),
+    ],
+)
+def test_spectral_similarity_errors(bank, kwargs, error, match):
+    from refimpl.frequency import spectral_similarity
+
+    with pytest.raises(error, match=r"^spectral_similarity .*" + match):
+        spectral_similarity(bank, **kwargs)

@@ -8,10 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+from refimpl.ddf import DDFConv2d
 from refimpl.models import (
+    PUBLISHED_DDF_RESNET_PARAMS,
     PUBLISHED_RESNET50_PARAMS,
     convert_conv2d,
     count_parameters,
+    ddf_resnet,
+    is_bottleneck_3x3,
     is_bottleneck_conv,
     paper_resnet50,
 )
@@ -218,3 +222,69 @@ def test_paper_resnet50_options_reach_every_layer():
     assert first.attention.hidden == 32  # max(floor(64 / 8), 32)
     assert last.attention.hidden == 64  # max(floor(512 / 8), 32)
     assert last.weight.shape == (2, 2048, 512, 1, 1)
+
+
+# --- DDF-ResNets (chapter 5) ----------------------------------------------------------
+
+# torchvision's counts of the plain networks (25.56M and 44.55M)
+RESNET_PARAMS = {50: 25_557_032, 101: 44_549_160}
+RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def official_ddfpack_params(c: int, k: int = 3, head: int = 1) -> int:
+    """Parameters of the official ``DDFPack(c, k, se_ratio=0.2)``, read off its
+    branches (theFoxofSky/ddfnet ``ddf/ddf.py``): the spatial 1x1 convolution
+    ``c -> head*k*k`` with bias; the channel branch ``c -> int(0.2c) -> c*k*k``
+    (1x1 convolutions with bias); the learnable FilterNorm scale ``c*k*k``."""
+    mid = int(c * 0.2)
+    taps = k * k
+    spatial = c * head * taps + head * taps
+    channel = c * mid + mid + mid * c * taps + c * taps
+    return spatial + channel + c * taps
+
+
+def expected_ddf_resnet(depth: int) -> int:
+    """The plain ResNet's count, each bottleneck 3x3 (``width^2 * 9`` weights, no
+    bias) swapped for a ``DDFPack(width)``."""
+    total = RESNET_PARAMS[depth]
+    for stage, blocks in enumerate(RESNET_LAYERS[depth]):
+        width = 64 * 2**stage
+        total += blocks * (official_ddfpack_params(width) - width * width * 9)
+    return total
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+@pytest.mark.parametrize("combine", ["mul", "add"])
+def test_ddf_resnet_reproduces_the_official_counts(depth, combine):
+    model = ddf_resnet(depth, combine)
+    count = count_parameters(model)
+    assert count == expected_ddf_resnet(depth)
+    assert (
+        round(count / 1e6, 1)
+        == PUBLISHED_DDF_RESNET_PARAMS[f"ddf_{combine}_resnet{depth}"]
+    )
+    layers = [m for _, m in model.named_modules() if isinstance(m, DDFConv2d)]
+    assert len(layers) == sum(RESNET_LAYERS[depth])
+    assert all(m.combine == combine for m in layers)
+    assert model.layer2[0].conv2.stride == (2, 2)  # the DDF layer carries the stride
+    assert type(model.layer2[0].conv1) is nn.Conv2d
+    assert type(model.layer2[0].downsample[0]) is nn.Conv2d
+
+
+def test_plain_resnet101_count():
+    import torchvision
+
+    count = count_parameters(torchvision.models.resnet101(weights=None))
+    assert count == RESNET_PARAMS[101]
+
+
+def test_ddf_resnet_runs_and_validates():
+    model = ddf_resnet(50, num_classes=10).eval()
+    assert model(randn(1, 3, 33, 33, dtype=torch.float32)).shape == (1, 10)
+    assert is_bottleneck_3x3("layer3.5.conv2", None)
+    assert not is_bottleneck_3x3("layer3.5.conv1", None)
+    assert not is_bottleneck_3x3("conv1", None)
+    with pytest.raises(ValueError, match=r"^ddf_resnet expected depth 50 or 101"):
+        ddf_resnet(34)
+    with pytest.raises(ValueError, match=r"^DDFConv2d expected combine 'mul' or"):
+        ddf_resnet(50, "cat")

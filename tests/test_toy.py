@@ -11,12 +11,25 @@ from torch import nn
 
 from refimpl.dynamic_conv import DynamicConv2d, set_temperature, temperature_schedule
 from refimpl.toy import (
+    FREQUENCY_BANDS,
+    DenoisingData,
+    DenoisingHistory,
     History,
+    SegmentationData,
+    SegmentationHistory,
     TinyCNN,
+    TinyDenoiser,
+    TinySegmenter,
     ToyData,
+    denoising_mse,
     evaluate,
+    make_frequency_segmentation,
     make_oriented_textures,
+    make_patchwork_denoising,
+    segmentation_scores,
     train,
+    train_denoiser,
+    train_segmenter,
 )
 
 
@@ -241,3 +254,304 @@ def test_train_errors(kwargs, error, message):
     }
     with pytest.raises(error, match=message):
         train(TinyCNN(width=1), **args)
+
+
+# --- the denoising task -------------------------------------------------------------
+
+
+def _denoising(seed=0, **kwargs):
+    kwargs = {"num_train": 24, "num_test": 16, "size": 12, **kwargs}
+    return make_patchwork_denoising(
+        generator=torch.Generator().manual_seed(seed), **kwargs
+    )
+
+
+def _depthwise(channels):
+    return nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+
+
+def test_denoising_data_is_deterministic_and_shaped():
+    a, b, c = _denoising(1), _denoising(1), _denoising(2)
+    for name in ("train_x", "train_y", "test_x", "test_y", "test_orientation"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert not torch.equal(a.train_y, c.train_y)
+    assert a.train_x.shape == a.train_y.shape == (24, 1, 12, 12)
+    assert a.test_x.shape == a.test_y.shape == (16, 1, 12, 12)
+    assert a.test_orientation.shape == (16, 12, 12)
+    assert a.train_x.dtype == a.train_y.dtype == torch.float32
+    moved = a.to("cpu")
+    assert isinstance(moved, DenoisingData) and torch.equal(moved.test_y, a.test_y)
+
+
+def test_denoising_noise_and_patchwork():
+    d = _denoising(num_train=400, num_test=8, size=16, noise=0.5, regions=3)
+    # the input is the clean image plus noise of the requested deviation
+    residual = d.train_x - d.train_y
+    assert abs(residual.std().item() - 0.5) < 0.01
+    assert abs(residual.mean().item()) < 0.01
+    assert d.train_y.abs().max() <= 1.2 + 1e-6
+    # at most `regions` orientations per image, constant on each cell
+    theta = d.test_orientation
+    assert ((theta >= 0) & (theta < math.pi)).all()
+    counts = [len(torch.unique(t)) for t in theta]
+    assert max(counts) <= 3 and min(counts) >= 1
+    one = _denoising(regions=1, num_test=4)
+    assert all(len(torch.unique(t)) == 1 for t in one.test_orientation)
+
+
+def _roughness(img, direction):
+    """Mean squared difference of pixels two steps apart along (dy, dx)."""
+    size = img.shape[-1]
+    dy, dx = (round(2 * v) for v in direction)
+    a = img[max(dy, 0) : size + min(dy, 0), max(dx, 0) : size + min(dx, 0)]
+    b = img[max(-dy, 0) : size + min(-dy, 0), max(-dx, 0) : size + min(-dx, 0)]
+    return (a - b).square().mean().item()
+
+
+def test_denoising_stripes_follow_the_orientation():
+    # with one region the clean image is a grating whose phase grows along
+    # (dy, dx) = (sin theta, cos theta): constant along (cos theta, -sin theta)
+    d = _denoising(regions=1, num_test=6, size=32)
+    for img, theta in zip(d.test_y[:, 0], d.test_orientation[:, 0, 0]):
+        t = theta.item()
+        along = (math.cos(t), -math.sin(t))
+        across = (math.sin(t), math.cos(t))
+        assert _roughness(img, along) < _roughness(img, across)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"generator": 0}, TypeError, "generator to be a torch.Generator"),
+        ({"num_train": 0}, ValueError, "num_train >= 1"),
+        ({"size": 3}, ValueError, "size >= 4"),
+        ({"regions": 0}, ValueError, "regions >= 1"),
+        ({"noise": 0.0}, ValueError, "noise > 0"),
+        ({"num_test": 2.0}, TypeError, "num_test to be an int"),
+    ],
+)
+def test_denoising_data_errors(kwargs, error, message):
+    kwargs = {"generator": torch.Generator().manual_seed(0), **kwargs}
+    with pytest.raises(error, match="^make_patchwork_denoising expected " + message):
+        make_patchwork_denoising(**kwargs)
+
+
+def test_tiny_denoiser_layout():
+    built = []
+
+    def factory(channels):
+        built.append(channels)
+        return _depthwise(channels)
+
+    model = TinyDenoiser(factory, width=6, depth=3)
+    assert built == [6, 6, 6]
+    assert model.head[0].kernel_size == (1, 1)
+    x = torch.randn(2, 1, 9, 11)
+    assert model(x).shape == x.shape
+    # a zero tail makes the denoiser the identity: it predicts the noise
+    nn.init.zeros_(model.tail.weight)
+    nn.init.zeros_(model.tail.bias)
+    assert torch.equal(model(x), x)
+    with pytest.raises(TypeError, match="^TinyDenoiser expected spatial_factory"):
+        TinyDenoiser(3)
+    with pytest.raises(ValueError, match="^TinyDenoiser expected depth >= 1"):
+        TinyDenoiser(_depthwise, depth=0)
+
+
+def test_train_denoiser_learns_and_is_reproducible():
+    data = _denoising(num_train=64, num_test=32, size=12)
+
+    def run():
+        torch.manual_seed(0)
+        model = TinyDenoiser(_depthwise, width=8)
+        history = train_denoiser(
+            model,
+            data,
+            epochs=3,
+            lr=1e-2,
+            batch_size=16,
+            generator=torch.Generator().manual_seed(0),
+        )
+        return model, history
+
+    model, history = run()
+    _, again = run()
+    assert isinstance(history, DenoisingHistory)
+    assert len(history.train_loss) == len(history.test_mse) == 3
+    assert history.test_mse == again.test_mse
+    assert history.test_mse[-1] < history.test_mse[0]
+    expected = (data.test_x - data.test_y).double().square().mean().item()
+    assert history.noise_mse == pytest.approx(expected)
+    assert history.test_mse[-1] == pytest.approx(
+        denoising_mse(model, data.test_x, data.test_y)
+    )
+    gain = 10 * math.log10(history.noise_mse / history.test_mse[-1])
+    assert history.gain_db == pytest.approx(gain)
+    assert model.training  # denoising_mse restores the mode
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"epochs": 0}, ValueError, "epochs >= 1"),
+        ({"lr": 0.0}, ValueError, "lr > 0"),
+        ({"generator": None}, TypeError, "generator to be a torch.Generator"),
+        ({"data": "x"}, TypeError, "data to be a DenoisingData"),
+    ],
+)
+def test_train_denoiser_errors(kwargs, error, message):
+    kwargs = {
+        "data": _denoising(),
+        "epochs": 1,
+        "lr": 1e-3,
+        "batch_size": 8,
+        "generator": torch.Generator(),
+        **kwargs,
+    }
+    data = kwargs.pop("data")
+    with pytest.raises(error, match="^train_denoiser expected " + message):
+        train_denoiser(TinyDenoiser(_depthwise, width=4), data, **kwargs)
+
+
+# --- frequency segmentation ----------------------------------------------------------
+
+
+def _segmentation(seed=0, **kwargs):
+    kwargs = {"num_train": 24, "num_test": 12, "size": 16, **kwargs}
+    g = torch.Generator().manual_seed(seed)
+    return make_frequency_segmentation(generator=g, **kwargs)
+
+
+def test_segmentation_data_is_deterministic_and_shaped():
+    a, b, c = _segmentation(), _segmentation(), _segmentation(seed=1)
+    assert isinstance(a, SegmentationData) and a.num_classes == 3
+    assert a.train_x.shape == (24, 1, 16, 16) and a.train_x.dtype == torch.float32
+    assert a.train_y.shape == (24, 16, 16) and a.train_y.dtype == torch.int64
+    assert a.test_x.shape == (12, 1, 16, 16) and a.test_y.shape == (12, 16, 16)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert not torch.equal(a.train_x, c.train_x)
+    assert set(a.train_y.unique().tolist()) == {0, 1, 2}
+    moved = a.to("cpu")
+    assert torch.equal(moved.train_y, a.train_y) and moved.num_classes == 3
+
+
+def test_segmentation_label_is_the_local_frequency():
+    """Noise-free, one region: the image's dominant frequency lies in the band
+    of its label."""
+    data = _segmentation(num_train=30, size=32, regions=1, noise=0.0)
+    freq = torch.fft.fftfreq(32)
+    radius = torch.sqrt(freq[:, None] ** 2 + freq[None, :] ** 2)
+    for image, label in zip(data.train_x[:, 0], data.train_y):
+        assert (label == label[0, 0]).all()  # one region: one label
+        spectrum = torch.fft.fft2(image).abs()
+        peak = radius.flatten()[spectrum.flatten().argmax()].item()
+        low, high = FREQUENCY_BANDS[label[0, 0].item()]
+        # the grating is not periodic on the grid: allow one bin of leakage
+        assert low - 1 / 32 <= peak <= high + 1 / 32
+
+
+def test_segmentation_custom_bands_and_noise():
+    data = _segmentation(bands=((0.05, 0.1), (0.3, 0.4)), noise=0.0, regions=2)
+    assert data.num_classes == 2 and data.train_y.max() <= 1
+    assert data.train_x.abs().max() <= 1.2 + 1e-6  # contrast at most 1.2
+    noisy = _segmentation(bands=((0.05, 0.1), (0.3, 0.4)), noise=1.0, regions=2)
+    assert noisy.train_x.std() > data.train_x.std()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"generator": 0}, TypeError, "expected generator"),
+        ({"size": 3}, ValueError, "size"),
+        ({"regions": 0}, ValueError, "regions"),
+        ({"bands": ((0.1, 0.2),)}, ValueError, "at least two bands"),
+        ({"bands": ((0.1, 0.2), (0.3, 0.6))}, ValueError, "at least two bands"),
+        ({"noise": -1.0}, ValueError, "noise >= 0"),
+    ],
+)
+def test_segmentation_data_errors(kwargs, error, message):
+    kwargs = {"generator": torch.Generator().manual_seed(0), **kwargs}
+    with pytest.raises(error, match=message):
+        make_frequency_segmentation(**kwargs)
+
+
+def test_tiny_segmenter_layout():
+    model = TinySegmenter(num_classes=4, width=6, depth=3)
+    out = model(torch.randn(2, 1, 9, 9))
+    assert out.shape == (2, 4, 9, 9)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + 3 + 1 and convs[-1].kernel_size == (1, 1)
+    calls = []
+
+    def factory(*args):
+        calls.append(args)
+        return nn.Conv2d(*args)
+
+    TinySegmenter(factory, width=5, depth=2)
+    assert calls == [(5, 5, 3, 1, 1)] * 2
+    with pytest.raises(TypeError, match="expected conv_factory to be callable"):
+        TinySegmenter(3)
+
+
+def test_segmentation_scores_by_hand():
+    class Fixed(nn.Module):
+        def forward(self, x):
+            # class 0 on the left half, class 1 on the right half
+            logits = torch.zeros(x.shape[0], 2, 2, 2)
+            logits[:, 0, :, 0] = 1.0
+            logits[:, 1, :, 1] = 1.0
+            return logits
+
+    y = torch.tensor([[[0, 1], [0, 0]]])
+    accuracy, miou = segmentation_scores(Fixed(), torch.zeros(1, 1, 2, 2), y, 2)
+    # hits: 2 zeros and 1 one; IoU(0) = 2 / 3, IoU(1) = 1 / 2
+    assert accuracy == 0.75
+    assert math.isclose(miou, (2 / 3 + 1 / 2) / 2)
+
+
+def test_train_segmenter_learns_and_is_reproducible():
+    data = _segmentation(num_train=64, num_test=32)
+
+    def run():
+        torch.manual_seed(0)
+        model = TinySegmenter(width=4)
+        return train_segmenter(
+            model,
+            data,
+            epochs=3,
+            lr=1e-2,
+            batch_size=16,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    first, second = run(), run()
+    assert isinstance(first, SegmentationHistory)
+    assert len(first.train_loss) == len(first.test_miou) == 3
+    assert first.train_loss == second.train_loss
+    assert first.final_accuracy == second.final_accuracy
+    assert first.train_loss[-1] < first.train_loss[0]
+    assert 0 <= first.final_miou <= 1 and 0 <= first.final_accuracy <= 1
+    assert first.seconds > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"epochs": 0}, ValueError, "epochs"),
+        ({"lr": 0.0}, ValueError, "lr > 0"),
+        ({"generator": 1}, TypeError, "expected generator"),
+        ({"data": "data"}, TypeError, "expected data to be a SegmentationData"),
+    ],
+)
+def test_train_segmenter_errors(kwargs, error, message):
+    kwargs = {
+        "data": _segmentation(num_train=4, num_test=2),
+        "epochs": 1,
+        "lr": 1e-3,
+        "batch_size": 2,
+        "generator": torch.Generator().manual_seed(0),
+        **kwargs,
+    }
+    data = kwargs.pop("data")
+    with pytest.raises(error, match=message):
+        train_segmenter(TinySegmenter(width=2), data, **kwargs)

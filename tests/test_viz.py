@@ -109,3 +109,110 @@ def test_role_handles_and_heatmap_axes():
     assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("f_x", "f_y", "t")
     assert len(ax.get_xticks()) > 0  # with an extent the ticks stay
     assert fig.axes[1].get_ylabel() == "|K|"  # the colour bar
+
+
+def test_pixel_filters_marks_pixels_and_draws_their_filters():
+    k, h, w = 3, 6, 7
+    filters = torch.arange(k * k * h * w, dtype=torch.float64).reshape(k * k, h, w)
+    pixels = [(0, 0), (2, 5), (5, 6)]
+    fig = viz.plot_pixel_filters(torch.zeros(h, w), filters, pixels, suptitle="s")
+    image_ax, *filter_axes = fig.axes[: 1 + len(pixels)]
+    marks = [t.get_text() for t in image_ax.texts]
+    assert marks == ["1", "2", "3"]
+    assert [ax.get_title() for ax in filter_axes] == [
+        "1: (0, 0)",
+        "2: (2, 5)",
+        "3: (5, 6)",
+    ]
+    for ax, (r, c) in zip(filter_axes, pixels):
+        shown = ax.get_images()[0].get_array()
+        assert shown.shape == (k, k)
+        # tap (u, v) is channel u * k + v of the spatial filter
+        assert shown[1, 2] == filters[1 * k + 2, r, c]
+        assert ax.get_images()[0].norm.vmin == -ax.get_images()[0].norm.vmax
+    assert fig.axes[-1].get_ylabel() == "filter tap"  # one shared colour bar
+    assert fig._suptitle.get_text() == "s"
+
+
+@pytest.mark.parametrize(
+    "image, filters, pixels, message",
+    [
+        ((2, 3, 3), (9, 3, 3), [(0, 0)], r"a 2-D image, got shape \(2, 3, 3\)"),
+        (
+            (3, 3),
+            (8, 3, 3),
+            [(0, 0)],
+            r"spatial_filter of shape \[k \* k, 3, 3\], got \(8, 3, 3\)",
+        ),
+        (
+            (3, 3),
+            (9, 3, 4),
+            [(0, 0)],
+            r"spatial_filter of shape \[k \* k, 3, 3\], got \(9, 3, 4\)",
+        ),
+        ((3, 3), (9, 3, 3), [], "at least one pixel"),
+        ((3, 3), (9, 3, 3), [(3, 0)], r"pixels inside the 3x3 image, got \(3, 0\)"),
+    ],
+)
+def test_pixel_filters_errors(image, filters, pixels, message):
+    with pytest.raises(ValueError, match="^plot_pixel_filters expected " + message):
+        viz.plot_pixel_filters(torch.zeros(image), torch.zeros(filters), pixels)
+
+
+@pytest.mark.parametrize("combine, sign", [("mul", "\u2299"), ("add", "+")])
+def test_ddf_diagram_names_both_branches_and_the_combination(combine, sign):
+    import matplotlib.pyplot as plt
+
+    from refimpl.viz import draw_ddf_diagram
+
+    fig = draw_ddf_diagram(combine)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert any("spatial branch" in t for t in texts)
+    assert any("channel branch" in t for t in texts)
+    assert any(f"channel {sign} spatial" in t for t in texts)
+    assert any("never stored" in t for t in texts)
+    assert repr(combine) in fig.axes[0].get_title()
+    plt.close(fig)
+    with pytest.raises(ValueError, match=r"^draw_ddf_diagram expected combine"):
+        draw_ddf_diagram("cat")
+
+
+def test_fdconv_diagram_names_the_three_parts():
+    fig = viz.draw_fdconv_diagram()
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for part in ("KSM global", "KSM local", "FDW", "FBM", "per-sample kernel"):
+        assert any(part in t for t in texts), part
+    assert any("never" not in t and "irfft2" in t for t in texts)
+    assert "FDConv" in fig.axes[0].get_title()
+
+
+def test_frequency_partition_plot_one_colour_per_group():
+    from refimpl.fdconv import frequency_partition
+
+    partition = frequency_partition(12, 10, 4)
+    fig = viz.plot_frequency_partition(partition)
+    ax = fig.axes[0]
+    image = ax.images[0]
+    shown = image.get_array()
+    assert shown.shape == (12, 6)
+    # DC (row 0 of the partition) is drawn in the middle row, group 0
+    assert shown[6, 0] == 0 and int(shown.max()) == 3
+    assert image.cmap.N == 4
+    assert ax.get_title() == "4 groups over 12 x 6 bins"
+    assert fig.axes[1].get_ylabel() == "group"
+    _, ax2 = plt.subplots()
+    assert viz.plot_frequency_partition(partition, ax=ax2, title="t") is ax2.figure
+    assert ax2.get_title() == "t"
+
+
+@pytest.mark.parametrize(
+    "partition, message",
+    [
+        (torch.zeros(3), r"expected a 2-D partition"),
+        (torch.full((2, 2), -1), r"expected non-negative integer group ids"),
+        (torch.full((2, 2), 0.5), r"expected non-negative integer group ids"),
+    ],
+)
+def test_frequency_partition_plot_errors(partition, message):
+    with pytest.raises(ValueError, match=r"^plot_frequency_partition " + message):
+        viz.plot_frequency_partition(partition)
