@@ -318,6 +318,27 @@ def _ddf_module(spec: BenchSpec, device, dtype) -> Case:
     return case
 
 
+# --- chapter 7: FDConv ------------------------------------------------------------
+
+
+def _fdconv_case(num_kernels: int):
+    # Eval mode, as for ODConv: the KSM trunk's BatchNorm on running statistics.
+    def factory(spec: BenchSpec, device, dtype) -> Case:
+        from .fdconv import FDConv2d
+
+        layer = _same_size(
+            FDConv2d, spec, device, dtype, num_kernels=num_kernels, placement="any"
+        ).eval()
+        fbm = "with FBM" if layer.fbm is not None else "no FBM"
+        return _module_case(layer, f"FDConv2d, {num_kernels} groups, {fbm}, eval")
+
+    return factory
+
+
+register("fdconv")(_fdconv_case(4))
+register("fdconv_64")(_fdconv_case(64))
+
+
 # --- chapter 6: deformable convolution --------------------------------------------
 
 
@@ -373,6 +394,56 @@ def _deform_conv2d_module(spec: BenchSpec, device, dtype) -> Case:
 
     layer = _same_size(DeformConv2d, spec, device, dtype, modulated=True)
     return _module_case(layer, "refimpl DeformConv2d, modulated, predicts offsets")
+
+
+# --- the algorithms of the kernel-bank layers, forced by hand ----------------------
+
+
+def _resolved_algorithm(layer: nn.Module, spec: BenchSpec) -> str:
+    """The algorithm ``layer`` runs at the spec's shape (``"auto"`` resolved)."""
+    from .condconv import bank_algorithm
+
+    shape = (spec.batch, spec.in_channels, spec.size, spec.size)
+    if hasattr(layer, "resolve_algorithm"):  # ODConv2d
+        return layer.resolve_algorithm(shape)
+    if layer.algorithm != "auto":
+        return layer.algorithm
+    return bank_algorithm(
+        shape,
+        layer.weight.shape,
+        layer.stride,
+        layer.op_padding,
+        layer.dilation,
+        layer.weight.element_size(),
+    )
+
+
+def _bank_case(kind: str, algorithm: str):
+    """CondConv2d (8 experts), DynamicConv2d (4) or ODConv2d (4, eval) with
+    ``algorithm`` forced (or ``"auto"``), to check that ``"auto"`` is the fastest."""
+
+    def factory(spec: BenchSpec, device, dtype) -> Case:
+        from .condconv import CondConv2d
+        from .dynamic_conv import DynamicConv2d
+        from .odconv import ODConv2d
+
+        cls, options = {
+            "condconv": (CondConv2d, {"num_kernels": 8}),
+            "dynamic_conv": (DynamicConv2d, {}),
+            "odconv_4x": (ODConv2d, {"num_kernels": 4}),
+        }[kind]
+        layer = _same_size(cls, spec, device, dtype, algorithm=algorithm, **options)
+        if cls is ODConv2d:
+            layer.eval()  # as the odconv_4x case
+        chosen = _resolved_algorithm(layer, spec)
+        return _module_case(layer, f"{cls.__name__}, algorithm={algorithm} ({chosen})")
+
+    return factory
+
+
+for _kind in ("condconv", "dynamic_conv", "odconv_4x"):
+    for _algorithm in ("auto", "grouped", "unfold", "outputs"):
+        register(f"{_kind}_{_algorithm}")(_bank_case(_kind, _algorithm))
 
 
 # --- measurement ------------------------------------------------------------------

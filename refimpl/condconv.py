@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ._conv import Conv2dBase, init_like_conv2d, spread_kernel
 from ._validation import (
+    check_bool,
     check_conv_operands,
     check_float_tensor,
     check_positive_int,
@@ -41,12 +42,21 @@ from ._validation import (
     check_tensor,
     pair,
 )
-from .per_sample import _per_sample_conv2d
+from .per_sample import (
+    _output_size,
+    bank_costs,
+    bank_outputs_conv2d,
+    check_bank_algorithm,
+    choose_bank_algorithm,
+    mixed_conv2d,
+)
 
 __all__ = [
     "CondConv2d",
     "CondRouting",
+    "bank_algorithm",
     "bank_conv2d",
+    "bank_forward",
     "check_kernel_bank",
     "condconv2d",
     "condconv2d_reference",
@@ -126,12 +136,17 @@ def condconv2d(
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
+    *,
+    algorithm: str = "auto",
+    keep_kernels: bool = False,
 ) -> Tensor:
     """CondConv: convolve each sample with its routing-weighted mixture of experts.
 
-    ``y_i = (sum_e routing[i, e] W_e) * x_i + sum_e routing[i, e] b_e``: the kernels
-    are mixed first (:func:`mix_experts`), then the batch runs as one grouped
-    convolution (:func:`refimpl.per_sample.per_sample_conv2d`). Yang et al.,
+    ``y_i = (sum_e routing[i, e] W_e) * x_i + sum_e routing[i, e] b_e``: by default
+    the kernels are mixed first (:func:`mix_experts`), then the batch runs as one
+    grouped convolution (:func:`refimpl.per_sample.per_sample_conv2d`); at deep
+    layers the experts' convolutions are run at once and their outputs mixed
+    (see ``algorithm``). Yang et al.,
     "CondConv: Conditionally Parameterized Convolutions for Efficient Inference",
     NeurIPS 2019, arXiv:1904.04971; chapter 2.
 
@@ -143,6 +158,13 @@ def condconv2d(
         bias: optional ``Tensor[E, C_out]``, the expert biases.
         stride, padding, dilation: ints or pairs, as in ``torch.nn.functional.conv2d``.
         groups: channel groups, as in ``torch.nn.functional.conv2d``.
+        algorithm: ``"auto"`` (default, the cheapest for the shape by
+            :func:`refimpl.per_sample.bank_costs`), ``"grouped"`` or ``"unfold"``
+            (mix the kernels, then the batch folded into the groups, or im2col
+            and a batched product), or ``"outputs"`` (one convolution with all
+            ``E * C_out`` expert filters, then the outputs mixed).
+        keep_kernels: keep the mixed kernels for the backward instead of mixing
+            them again there (more memory, one pass less).
 
     Returns:
         ``Tensor[N, C_out, H_out, W_out]``, with the output size of a plain
@@ -152,11 +174,21 @@ def condconv2d(
         TypeError: for a non-tensor or non-floating argument, or (outside
             autocast) operands whose dtype differs from the input's.
         ValueError: for a routing that is not ``[N, E]``, an input whose channels do
-            not match the experts, a bias that is not ``[E, C_out]``, or an invalid
-            convolution geometry.
+            not match the experts, a bias that is not ``[E, C_out]``, an invalid
+            convolution geometry, or an unknown ``algorithm``.
     """
     geometry = (stride, padding, dilation, groups)
-    return bank_conv2d("condconv2d", "routing", input, routing, weight, bias, geometry)
+    return bank_conv2d(
+        "condconv2d",
+        "routing",
+        input,
+        routing,
+        weight,
+        bias,
+        geometry,
+        algorithm=algorithm,
+        keep_kernels=keep_kernels,
+    )
 
 
 def condconv2d_reference(
@@ -212,21 +244,91 @@ def bank_conv2d(
     geometry: tuple,
     *,
     reference: bool = False,
+    algorithm: str = "auto",
+    keep_kernels: bool = False,
 ) -> Tensor:
     """The operator CondConv and DY-CNN share, checked once for ``owner``.
 
     Mixes the bank ``weight`` (and ``bias``) with the per-sample weights ``mixing``
-    (CondConv's routing, DY-CNN's attention) and runs one per-sample convolution
-    (:func:`mix_experts`, :func:`refimpl.per_sample.per_sample_conv2d`); with
-    ``reference=True``, the literal mixture of convolutions instead
-    (:func:`mixture_of_convolutions`). ``geometry`` is ``(stride, padding,
-    dilation, groups)``.
+    (CondConv's routing, DY-CNN's attention) and convolves
+    (:func:`bank_forward`); with ``reference=True``, the literal mixture of
+    convolutions instead (:func:`mixture_of_convolutions`). ``geometry`` is
+    ``(stride, padding, dilation, groups)``.
     """
+    algorithm = check_bank_algorithm(algorithm, owner)
     parsed = check_kernel_bank(owner, x, mixing, mixing_name, weight, bias, *geometry)
     if reference:
         return mixture_of_convolutions(x, mixing, weight, bias, *parsed)
-    kernel, mixed_bias = mix_experts(mixing, weight, bias)
-    return _per_sample_conv2d(x, kernel, mixed_bias, *parsed)
+    return bank_forward(x, mixing, weight, bias, *parsed, algorithm, keep_kernels)
+
+
+def bank_algorithm(
+    input_shape, weight_shape, stride, padding, dilation, itemsize: int = 4
+) -> str:
+    """The algorithm ``"auto"`` runs for a bank layer at this shape.
+
+    :func:`refimpl.per_sample.choose_bank_algorithm` on the costs of
+    :func:`refimpl.per_sample.bank_costs`. Every cost is proportional to the
+    batch, so the choice is made for one sample: under ``torch.compile`` a
+    dynamic batch then stays symbolic (no guard, no recompilation).
+    """
+    _, c_in, h, w = input_shape
+    kh, kw = weight_shape[-2:]
+    size = tuple(
+        _output_size(s, k, stride[i], padding[i], dilation[i])
+        for i, (s, k) in enumerate(((h, kh), (w, kw)))
+    )
+    costs = bank_costs((1, c_in, h, w), weight_shape, size, itemsize=itemsize)
+    return choose_bank_algorithm(costs)
+
+
+def _mix_kernels(weight: Tensor, mixing: Tensor) -> Tensor:
+    # mix(weight, *dynamic) of refimpl.per_sample.mixed_conv2d
+    return mix_experts(mixing, weight)[0]
+
+
+# W_n = sum_k mixing[n, k] W_k: the mixing weights, and no other factor
+_mix_kernels.coefficients = lambda weight, mixing: (mixing, None)
+
+
+def bank_forward(
+    x: Tensor,
+    mixing: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    algorithm: str = "auto",
+    keep_kernels: bool = False,
+) -> Tensor:
+    """Bank ``Tensor[K, C_out, C_in/g, kH, kW]`` mixed by ``mixing: Tensor[N, K]``,
+    applied to ``x``, on checked arguments: the algorithm of ``algorithm``
+    (``"auto"`` resolved by :func:`bank_algorithm`); the mixed kernels are not
+    kept for the backward unless ``keep_kernels``."""
+    if algorithm == "auto":
+        algorithm = bank_algorithm(
+            x.shape, weight.shape, stride, padding, dilation, x.element_size()
+        )
+    mixed_bias = None if bias is None else mixing @ bias
+    if algorithm == "outputs":
+        return bank_outputs_conv2d(
+            x, mixing, weight, mixed_bias, stride, padding, dilation, groups
+        )
+    return mixed_conv2d(
+        x,
+        _mix_kernels,
+        weight,
+        (mixing,),
+        mixed_bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        algorithm=algorithm,
+        keep_kernels=keep_kernels,
+    )
 
 
 def mixture_of_convolutions(
@@ -388,6 +490,11 @@ class CondConv2d(Conv2dBase):
         num_kernels: ``E``, the number of expert kernels (the paper's
             ``num_experts``; 8 for the "CondConv (8x)" networks of later papers,
             the official EfficientNet uses 4 or 8).
+        algorithm: how the batch is computed, see :func:`condconv2d`:
+            ``"auto"`` (the cheapest for the input's shape), ``"grouped"``,
+            ``"unfold"`` or ``"outputs"``.
+        keep_kernels: keep the per-sample kernels for the backward (``False``:
+            they are mixed again there, which saves ``N`` kernels of memory).
         device, dtype: factory keyword arguments for the parameters.
 
     Shapes:
@@ -404,6 +511,8 @@ class CondConv2d(Conv2dBase):
         self,
         *conv_args,
         num_kernels: int = 8,
+        algorithm: str = "auto",
+        keep_kernels: bool = False,
         **conv_kwargs,
     ) -> None:
         # nn.Conv2d's arguments are parsed once, by Conv2dBase; the signature
@@ -411,6 +520,10 @@ class CondConv2d(Conv2dBase):
         super().__init__(*conv_args, **conv_kwargs)
         self.num_kernels = check_positive_int(
             num_kernels, "num_kernels", owner=type(self).__name__
+        )
+        self.algorithm = check_bank_algorithm(algorithm, type(self).__name__)
+        self.keep_kernels = check_bool(
+            keep_kernels, "keep_kernels", owner=type(self).__name__
         )
         factory = self.factory_kwargs
         self.weight = self.kernel_bank(self.num_kernels)
@@ -426,6 +539,8 @@ class CondConv2d(Conv2dBase):
 
     def _options(self):
         yield "num_kernels", self.num_kernels, 8
+        yield "algorithm", self.algorithm, "auto"
+        yield "keep_kernels", self.keep_kernels, False
 
     def _dynamic(self, x: Tensor) -> CondRouting:
         return CondRouting(torch.sigmoid(self.routing_fc(x.mean(dim=(2, 3)))))
@@ -433,15 +548,17 @@ class CondConv2d(Conv2dBase):
     def _forward(self, x: Tensor, routing: Tensor | None = None) -> Tensor:
         if routing is None:
             (routing,) = self._dynamic(x)
-        kernel, bias = mix_experts(routing, self.weight, self.bias)
-        return _per_sample_conv2d(
+        return bank_forward(
             self.pad(x),
-            kernel,
-            bias,
+            routing,
+            self.weight,
+            self.bias,
             self.stride,
             self.op_padding,
             self.dilation,
             self.groups,
+            self.algorithm,
+            self.keep_kernels,
         )
 
     def forward(self, input: Tensor, routing: Tensor | None = None) -> Tensor:

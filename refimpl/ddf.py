@@ -589,7 +589,7 @@ class DDFConv2d(Conv2dBase):
       below 5 channels (official: ``int(C * se_ratio)``, which is 0 there; at 5
       channels and more the two agree);
     * ``from_conv2d`` and state dicts with readable names; the official names are
-      loaded by :meth:`load_official_state_dict`.
+      loaded by :meth:`~refimpl._conv.Conv2dBase.load_official_state_dict`.
 
     Args:
         channels: ``C``, input and output channels.

@@ -43,9 +43,9 @@ from ._conv import (
 
 # chapter 3 drives the temperature with it; it lives with TemperatureMixin
 from ._conv import set_temperature as set_temperature
-from ._validation import check_positive_int, check_real
-from .condconv import bank_conv2d, mix_experts
-from .per_sample import _per_sample_conv2d
+from ._validation import check_bool, check_positive_int, check_real
+from .condconv import bank_conv2d, bank_forward
+from .per_sample import check_bank_algorithm
 
 __all__ = [
     "DynamicConv2d",
@@ -162,6 +162,9 @@ def dynamic_conv2d(
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
+    *,
+    algorithm: str = "auto",
+    keep_kernels: bool = False,
 ) -> Tensor:
     """Convolve each sample with its attention-weighted sum of ``K`` kernels.
 
@@ -170,7 +173,11 @@ def dynamic_conv2d(
     ``dy-aggregate``). The ``N`` aggregated kernels cost one small matrix
     product; the convolutions run as one grouped convolution through
     :func:`refimpl.per_sample.per_sample_conv2d`, so the cost is that of a
-    static convolution plus ``N * K * |W|`` multiply-adds for the aggregation.
+    static convolution plus ``N * K * |W|`` multiply-adds for the aggregation,
+    and the ``N`` aggregated kernels written to memory. Where few output
+    positions share each kernel (deep layers) writing them costs more than ``K``
+    convolutions, and ``algorithm="auto"`` runs the ``K`` kernels as one static
+    convolution and mixes the outputs instead (:func:`refimpl.per_sample.bank_costs`).
 
     Args:
         input: ``Tensor[N, C_in, H, W]``.
@@ -180,19 +187,32 @@ def dynamic_conv2d(
         bias: optional ``Tensor[K, C_out]``.
         stride, padding, dilation: ints or pairs, as in ``torch.nn.Conv2d``.
         groups: channel groups, as in ``torch.nn.Conv2d``.
+        algorithm: ``"auto"``, ``"grouped"``, ``"unfold"`` or ``"outputs"``, as
+            for :func:`refimpl.condconv.condconv2d`.
+        keep_kernels: keep the aggregated kernels for the backward instead of
+            aggregating them again there.
 
     Returns:
         ``Tensor[N, C_out, H_out, W_out]``, ``H_out`` as for ``torch.nn.Conv2d``.
 
     Raises:
         TypeError: for non-tensors, non-float tensors or malformed sizes.
-        ValueError: for inconsistent shapes, with the expected and actual values.
+        ValueError: for inconsistent shapes or an unknown ``algorithm``, with the
+            expected and actual values.
     """
     # Mixing K kernels by attention is CondConv's mixing of experts (chapter 2);
     # only the weights that do the mixing differ.
     geometry = (stride, padding, dilation, groups)
     return bank_conv2d(
-        "dynamic_conv2d", "attention", input, attention, weight, bias, geometry
+        "dynamic_conv2d",
+        "attention",
+        input,
+        attention,
+        weight,
+        bias,
+        geometry,
+        algorithm=algorithm,
+        keep_kernels=keep_kernels,
     )
 
 
@@ -277,6 +297,11 @@ class DynamicConv2d(TemperatureMixin, Conv2dBase):
         min_hidden: smallest hidden width (4: an RGB input would otherwise get 0).
         temperature: initial softmax temperature (default 30, the start of
             :func:`temperature_schedule`; use ``1.0`` for no annealing).
+        algorithm: ``"auto"`` (the cheapest for the input's shape),
+            ``"grouped"``, ``"unfold"`` or ``"outputs"``, see
+            :func:`dynamic_conv2d`.
+        keep_kernels: keep the aggregated kernels for the backward (``False``:
+            they are aggregated again there, saving ``N`` kernels of memory).
         device, dtype: factory keyword arguments, as in ``torch.nn.Conv2d``.
 
     Shapes:
@@ -291,6 +316,8 @@ class DynamicConv2d(TemperatureMixin, Conv2dBase):
         reduction: float = 0.25,
         min_hidden: int = 4,
         temperature: float = 30.0,
+        algorithm: str = "auto",
+        keep_kernels: bool = False,
         **conv_kwargs,
     ) -> None:
         # nn.Conv2d's arguments are parsed once, by Conv2dBase; the signature
@@ -302,6 +329,8 @@ class DynamicConv2d(TemperatureMixin, Conv2dBase):
         self.reduction = float(reduction)
         self.min_hidden = int(min_hidden)
         self.temperature = temperature
+        self.algorithm = check_bank_algorithm(algorithm, owner)
+        self.keep_kernels = check_bool(keep_kernels, "keep_kernels", owner=owner)
         factory = self.factory_kwargs
         self.weight = self.kernel_bank(self.num_kernels)
         self.bias = self.bias_parameter(self.num_kernels)
@@ -322,6 +351,8 @@ class DynamicConv2d(TemperatureMixin, Conv2dBase):
         yield "reduction", self.reduction, 0.25
         yield "min_hidden", self.min_hidden, 4
         yield "temperature", self.temperature, 30.0
+        yield "algorithm", self.algorithm, "auto"
+        yield "keep_kernels", self.keep_kernels, False
 
     def _dynamic(self, x: Tensor) -> KernelAttention:
         return KernelAttention(
@@ -332,15 +363,17 @@ class DynamicConv2d(TemperatureMixin, Conv2dBase):
 
     def _forward(self, x: Tensor) -> Tensor:
         (attention,) = self._dynamic(x)
-        kernels, biases = mix_experts(attention, self.weight, self.bias)
-        return _per_sample_conv2d(
+        return bank_forward(
             self.pad(x),
-            kernels,
-            biases,
+            attention,
+            self.weight,
+            self.bias,
             self.stride,
             self.op_padding,
             self.dilation,
             self.groups,
+            self.algorithm,
+            self.keep_kernels,
         )
 
     def _preserve(self, weight: Tensor, bias: Tensor | None) -> None:

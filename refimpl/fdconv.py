@@ -41,6 +41,11 @@ from .per_sample import _per_sample_conv2d
 __all__ = [
     "FDConv2d",
     "FDConvDynamic",
+    "KSMAttentions",
+    "apply_bands",
+    "fdconv2d",
+    "from_matrix",
+    "to_matrix",
     "FourierDisjointWeight",
     "FrequencyBandModulation",
     "KernelSpatialModulation",
@@ -50,6 +55,7 @@ __all__ = [
     "frequency_partition",
     "local_kernel_size",
     "lowpass_matrix",
+    "fourier_basis",
 ]
 
 # The official placement rule (Linwei-Chen/FDConv, FDConv.__init__ defaults):
@@ -567,10 +573,22 @@ class FrequencyBandModulation(nn.Module):
 
     def band_weights(self, x: Tensor) -> Tensor:
         """``Tensor[N, B, H, W]``: the map ``A_b`` of every modulated band."""
-        # the B convolutions C_in -> 1 run as one C_in -> B convolution
-        weight = torch.cat([conv.weight for conv in self.convs])
+        # The B convolutions C_in -> 1 as one product: project every pixel on
+        # the B * 9 (band, tap) filters, Tensor[N, B*9, H, W], then add the nine
+        # shifted taps of each band (a convolution with few output channels is
+        # slow in the CPU libraries).
+        weight = torch.cat([conv.weight for conv in self.convs])  # [B, C, 3, 3]
         bias = torch.cat([conv.bias for conv in self.convs])
-        return 2 * torch.sigmoid(F.conv2d(x, weight, bias, padding=1))
+        bands, c = weight.shape[:2]
+        taps = weight.permute(0, 2, 3, 1).reshape(bands * 9, c)
+        n, _, h, w = x.shape
+        projected = torch.matmul(taps, x.reshape(n, c, h * w))
+        padded = F.pad(projected.reshape(n, bands, 9, h, w), (1, 1, 1, 1))
+        logits = bias.reshape(1, bands, 1, 1).to(padded.dtype)
+        for u in range(3):
+            for v in range(3):  # tap (u, v) reads pixel (y + u - 1, x + v - 1)
+                logits = logits + padded[:, :, 3 * u + v, u : u + h, v : v + w]
+        return 2 * torch.sigmoid(logits)
 
     def forward(self, x: Tensor) -> Tensor:
         return apply_bands(x, self.band_weights(x), self.k_list, self.masks)
@@ -595,38 +613,76 @@ def lowpass_matrix(size: int, k: int, dtype=torch.float64, device=None) -> Tenso
     return (matrix / size).to(dtype=dtype, device=device)
 
 
+def fourier_basis(size: int, dtype=torch.float64, device=None):
+    """An orthonormal real Fourier basis of ``R^size``, ordered by frequency.
+
+    Returns ``(U, f)``: ``U: Tensor[size, size - 1 + size % 2]`` with columns the
+    constant ``1 / sqrt(size)``, then ``sqrt(2 / size) * cos(2 pi j t / size)`` and
+    ``sqrt(2 / size) * sin(2 pi j t / size)`` for ``j = 1, 2, ...`` below the
+    Nyquist frequency (which no band of FBM keeps), and ``f``, the list of the
+    frequencies ``j / size`` of the columns, non-decreasing. The ideal low-pass keeping
+    ``|f| < c`` is ``U[:, :r] @ U[:, :r].T`` with ``r = (f < c).sum()``: the same
+    matrix as :func:`lowpass_matrix`, in factored form.
+    """
+    t = torch.arange(size, dtype=torch.float64)
+    columns = [torch.full((size,), 1 / math.sqrt(size), dtype=torch.float64)]
+    freqs = [0.0]
+    for j in range(1, (size + 1) // 2):
+        angle = 2 * math.pi * j * t / size
+        columns += [math.sqrt(2 / size) * torch.cos(angle)]
+        columns += [math.sqrt(2 / size) * torch.sin(angle)]
+        freqs += [j / size, j / size]
+    basis = torch.stack(columns, 1).to(dtype=dtype, device=device)
+    return basis, freqs
+
+
 def apply_bands(x: Tensor, weights: Tensor, k_list, masks: str = "exact") -> Tensor:
     """``FBM(x)`` for given band maps ``weights: Tensor[N, len(k_list), H, W]``.
 
-    Exact masks use :func:`lowpass_matrix` (two matrix products per band);
-    official masks, which a nearest resize can make asymmetric in ``+-f`` and so
-    not separable, use ``rfft2`` / ``irfft2`` as the official code.
+    Rewritten by summation by parts, with ``A_b`` the map of band ``b`` and
+    ``A_{B+1} = 1``, the sum of the class docstring is
+    ``A_1 * x + sum_b (A_{b+1} - A_b) * L_b``: one multiply-add per band.
+
+    With exact masks the low-pass images come from the factored form of
+    :func:`lowpass_matrix` (:func:`fourier_basis`): the coefficients of ``x`` on
+    the kept frequencies of the widest band are computed once, and each band
+    keeps a leading block of them (the masks are nested), so the cost is a few
+    matrix products on small blocks. Official masks, which a nearest resize can
+    make asymmetric in ``+-f`` (not separable), use ``rfft2`` / ``irfft2`` as the
+    official code does.
     """
     h, w = x.shape[-2:]
     if x.shape[0] == 0:  # no FFT of an empty batch; keep the graph to the maps
         return x + weights.sum() * 0
     spectral = x.to(_spectral_dtype(x.dtype))
+    maps = weights.to(spectral.dtype)
+    count = len(k_list)
     if masks == "official":
         spectrum = torch.fft.rfft2(spectral, norm="ortho")
         cuts = band_masks(h, w, k_list, official=True, device=x.device)
-
-        def lowpass(b):
-            return torch.fft.irfft2(spectrum * cuts[b], s=(h, w), norm="ortho")
+        lows = [
+            torch.fft.irfft2(spectrum * cuts[b], s=(h, w), norm="ortho")
+            for b in range(count)
+        ]
     else:
-
-        def lowpass(b):
-            dtype, device = spectral.dtype, x.device
-            rows = lowpass_matrix(h, k_list[b], dtype, device)
-            cols = lowpass_matrix(w, k_list[b], dtype, device)
-            return rows @ spectral @ cols
-
-    previous, out = spectral, None
-    for b in range(len(k_list)):
-        low = lowpass(b)
-        term = weights[:, b : b + 1].to(spectral.dtype) * (previous - low)
-        out = term if out is None else out + term
-        previous = low
-    out = previous if out is None else out + previous
+        dtype, device = spectral.dtype, x.device
+        rows, fh = fourier_basis(h, dtype, device)
+        cols, fw = fourier_basis(w, dtype, device)
+        # how many leading columns each band keeps (plain Python: no data-
+        # dependent sizes when the graph is exported)
+        cut = [0.5 / k + 1e-8 for k in k_list]
+        keep = [(sum(f < c for f in fh), sum(f < c for f in fw)) for c in cut]
+        top_h, top_w = max(r for r, _ in keep), max(r for _, r in keep)
+        # coefficients on the kept frequencies of the widest band
+        coefficients = rows[:, :top_h].T @ spectral @ cols[:, :top_w]
+        lows = [
+            rows[:, :rh] @ coefficients[..., :rh, :rw] @ cols[:, :rw].T
+            for rh, rw in keep
+        ]
+    out = maps[:, :1] * spectral
+    for b in range(count):
+        following = maps[:, b + 1 : b + 2] if b + 1 < count else 1.0
+        out = torch.addcmul(out, following - maps[:, b : b + 1], lows[b])
     return out.to(x.dtype)
 
 
@@ -1056,6 +1112,6 @@ class FDConv2d(Conv2dBase):
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, *, preserve: bool = True, **options):
-        """As :meth:`Conv2dBase.from_conv2d`, refusing grouped convolutions."""
+        """As :meth:`~refimpl._conv.Conv2dBase.from_conv2d`, refusing grouped convolutions."""
         check_convertible(conv, owner=f"{cls.__name__}.from_conv2d")
         return super().from_conv2d(conv, preserve=preserve, **options)

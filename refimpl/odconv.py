@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ._conv import Conv2dBase, TemperatureMixin, hidden_width, spread_kernel
 from ._validation import (
+    check_bool,
     check_conv_operands,
     check_float_tensor,
     check_positive_int,
@@ -40,7 +41,14 @@ from ._validation import (
     check_shape,
 )
 from .per_sample import _output_size as output_size
-from .per_sample import _per_sample_conv2d
+from .per_sample import (
+    _windows,
+    bank_costs,
+    bank_outputs_conv2d,
+    check_bank_algorithm,
+    choose_bank_algorithm,
+    mixed_conv2d,
+)
 
 __all__ = [
     "ODAttentions",
@@ -48,6 +56,7 @@ __all__ = [
     "ODConv2d",
     "odconv2d",
     "odconv2d_reference",
+    "choose_algorithm",
     "choose_order",
     "order_costs",
 ]
@@ -152,6 +161,34 @@ def choose_order(
     return "kernel" if costs["kernel"] < costs["feature"] else "feature"
 
 
+def choose_algorithm(
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    output_size: Sequence[int],
+    *,
+    spatial: bool = True,
+    itemsize: int = 4,
+) -> str:
+    """The algorithm ``algorithm="auto"`` runs: ``"grouped"`` or ``"outputs"``.
+
+    :func:`refimpl.per_sample.choose_bank_algorithm` on
+    :func:`refimpl.per_sample.bank_costs`, computed for one sample (every cost is
+    proportional to the batch, so a dynamic batch stays symbolic under
+    ``torch.compile``). With a spatial attention ``"outputs"`` must convolve tap
+    by tap (``taps_apart``), since ``alpha_s`` differs per sample and per tap.
+    """
+    _, c_in, h, w = input_shape
+    costs = bank_costs(
+        (1, c_in, h, w),
+        weight_shape,
+        output_size,
+        itemsize=itemsize,
+        taps_apart=spatial,
+        kernel_scalings=int(spatial),
+    )
+    return choose_bank_algorithm(costs)
+
+
 # --- functional form ----------------------------------------------------------------
 
 
@@ -219,6 +256,104 @@ def _mix(weight: Tensor, spatial: Tensor | None, kernel: Tensor | None) -> Tenso
     return mixed
 
 
+def _batch(*tensors):
+    # the batch size, from the per-sample tensors present
+    return next(t.shape[0] for t in tensors if t is not None)
+
+
+def _scale(weight, channel, filter, spatial):
+    """``alpha_f * alpha_c * alpha_s``, each if present, broadcastable to the
+    kernels ``Tensor[n, C_out, C_in/g, kH, kW]`` (``None`` when none is present):
+    every factor of a kernel entry besides the kernel attention. Channel ``c``
+    of group ``q`` is input channel ``q * C_in/g + c``, so the channel attention
+    follows the grouping."""
+    _, c_out, c_in_g, kh, kw = weight.shape
+    factor = None
+    if filter is not None:
+        factor = filter.reshape(-1, c_out, 1, 1, 1)
+    if channel is not None:
+        groups = channel.shape[1] // c_in_g
+        c = channel.reshape(-1, groups, 1, c_in_g, 1, 1)
+        c = c.expand(-1, groups, c_out // groups, c_in_g, 1, 1)
+        c = c.reshape(-1, c_out, c_in_g, 1, 1)
+        factor = c if factor is None else factor * c
+    if spatial is not None:
+        s = spatial.reshape(-1, 1, 1, kh, kw)
+        factor = s if factor is None else factor * s
+    return factor
+
+
+def _mix_feature(weight, spatial, kernel):
+    # mix(weight, *dynamic) of refimpl.per_sample.mixed_conv2d, feature order:
+    # alpha_s * sum_i alpha_w[i] W_i
+    mixed = _mix(weight, spatial, kernel)
+    if mixed.dim() == 4:
+        mixed = mixed.expand(_batch(spatial, kernel), *mixed.shape)
+    return mixed
+
+
+def _mix_kernel(weight, channel, filter, spatial, kernel):
+    # mix(weight, *dynamic) of refimpl.per_sample.mixed_conv2d, kernel order:
+    # alpha_f * alpha_c * alpha_s * sum_i alpha_w[i] W_i
+    mixed = _mix(weight, spatial, kernel)
+    factor = _scale(weight, channel, filter, None)
+    if factor is not None:
+        mixed = mixed * factor
+    if mixed.dim() == 4:
+        mixed = mixed.expand(_batch(channel, filter, spatial, kernel), *mixed.shape)
+    return mixed
+
+
+def _kernel_weights(kernel, *others):
+    # alpha_w, or the weight 1 of a single kernel
+    if kernel is not None:
+        return kernel
+    present = next(t for t in others if t is not None)
+    return present.new_ones(present.shape[0], 1)
+
+
+# Every kernel is linear in the bank, W_n = sum_i alpha_w[n, i] s_n W_i: the
+# backward of refimpl.per_sample.mixed_conv2d accumulates the bank's gradient
+# from (alpha_w, s) in place.
+_mix_feature.coefficients = lambda weight, spatial, kernel: (
+    _kernel_weights(kernel, spatial),
+    _scale(weight, None, None, spatial),
+)
+_mix_kernel.coefficients = lambda weight, channel, filter, spatial, kernel: (
+    _kernel_weights(kernel, channel, filter, spatial),
+    _scale(weight, channel, filter, spatial),
+)
+
+
+def _outputs(x, spatial, kernel, weight, stride, padding, dilation, groups):
+    """Convolve with every kernel (and, with a spatial attention, every tap)
+    as static convolutions, then mix: ``sum_t sum_i alpha_s[t] alpha_w[i]
+    (W_i[:, :, t] * x)``. ``K`` times the multiply-adds of the layer, no
+    per-sample kernel."""
+    a = _kernel_weights(kernel, spatial, x)
+    if spatial is None:
+        return bank_outputs_conv2d(
+            x, a, weight, None, stride, padding, dilation, groups
+        )
+    n = x.shape[0]
+    k, c_out, c_in_g, kh, kw = weight.shape
+    per_group = c_out // groups
+    size = _output_size(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation)
+    # one weight per (sample, kernel, tap): alpha_w[i] * alpha_s[t]
+    beta = a.unsqueeze(2) * spatial.reshape(n, 1, kh * kw).to(a.dtype)
+    bank = weight.reshape(k, groups, per_group, c_in_g, kh * kw).transpose(0, 1)
+    bank = bank.reshape(groups * k * per_group, c_in_g, kh * kw, 1, 1)
+    out = None
+    windows = _windows(x, (kh, kw), stride, padding, dilation, size)
+    for tap, window in enumerate(windows):
+        y = F.conv2d(window, bank[:, :, tap], None, 1, 0, 1, groups)
+        y = y.reshape(n, groups, k, per_group * size[0] * size[1])
+        b = beta[:, :, tap].to(y.dtype).reshape(n, 1, 1, k).expand(n, groups, 1, k)
+        term = torch.matmul(b, y)
+        out = term if out is None else out + term
+    return out.reshape(n, c_out, *size)
+
+
 def odconv2d(
     input: Tensor,
     channel_attention: Tensor | None,
@@ -233,6 +368,8 @@ def odconv2d(
     groups: int = 1,
     *,
     order: str = "auto",
+    algorithm: str = "auto",
+    keep_kernels: bool = False,
 ) -> Tensor:
     """Convolve with a kernel bank modulated by the four ODConv attentions.
 
@@ -256,6 +393,15 @@ def odconv2d(
       ``F.conv2d``.
     * ``"auto"`` picks one with :func:`choose_order`.
 
+    ``algorithm`` says how the per-sample kernels meet the input:
+    ``"grouped"`` or ``"unfold"`` mix them (in the order above) and run one
+    per-sample convolution (:func:`refimpl.per_sample.mixed_conv2d`; by default
+    the kernels are mixed again in the backward instead of being kept, unless
+    ``keep_kernels``); ``"outputs"`` convolves with every kernel, tap by tap when
+    there is a spatial attention, as static convolutions and mixes the outputs
+    with ``alpha_w * alpha_s`` (feature order, ``K`` times the multiply-adds, no
+    per-sample kernel); ``"auto"`` picks with :func:`choose_algorithm`.
+
     Args:
         input: ``Tensor[N, C_in, H, W]``.
         channel_attention: ``Tensor[N, C_in]`` or ``None``.
@@ -267,6 +413,8 @@ def odconv2d(
         stride, padding, dilation: ints or pairs, as in ``F.conv2d``.
         groups: channel groups.
         order: ``"auto"``, ``"kernel"`` or ``"feature"``.
+        algorithm: ``"auto"``, ``"grouped"``, ``"unfold"`` or ``"outputs"``.
+        keep_kernels: keep the per-sample kernels for the backward.
 
     Returns:
         ``Tensor[N, C_out, H_out, W_out]``, ``H_out`` as for ``nn.Conv2d``.
@@ -282,6 +430,16 @@ def odconv2d(
     )
     if order not in _ORDERS:
         raise ValueError(f"{_FN} expected order in {_ORDERS}, got {order!r}")
+    algorithm = check_bank_algorithm(algorithm, _FN)
+    check_bool(keep_kernels, "keep_kernels", owner=_FN)
+    if algorithm == "auto":
+        algorithm = choose_algorithm(
+            input.shape,
+            weight.shape,
+            size,
+            spatial=spatial_attention is not None,
+            itemsize=input.element_size(),
+        )
     if order == "auto":
         order = choose_order(
             input.shape,
@@ -293,7 +451,17 @@ def odconv2d(
             kernel=kernel_attention is not None,
         )
     return _odconv2d(
-        input, *atts, weight, bias, stride, padding, dilation, groups, order
+        input,
+        *atts,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        order,
+        algorithm,
+        keep_kernels,
     )
 
 
@@ -310,37 +478,56 @@ def _odconv2d(
     dilation: tuple[int, int],
     groups: int,
     order: str,
+    algorithm: str = "grouped",
+    keep_kernels: bool = False,
 ) -> Tensor:
-    """:func:`odconv2d` on checked arguments with the order resolved (``"kernel"``
-    or ``"feature"``): the algorithm itself, and what the layer calls."""
+    """:func:`odconv2d` on checked arguments with the order (``"kernel"`` or
+    ``"feature"``) and the algorithm (``"grouped"``, ``"unfold"`` or
+    ``"outputs"``) resolved: the algorithm itself, and what the layer calls."""
     n = x.shape[0]
-    _, c_out, c_in_g, kh, kw = weight.shape
-    mixed = _mix(weight, spatial_attention, kernel_attention)
+    c_out = weight.shape[1]
+    geometry = (stride, padding, dilation, groups)
+    per_sample = spatial_attention is not None or kernel_attention is not None
 
-    if order == "kernel":
-        if mixed.dim() == 4:
-            mixed = mixed.expand(n, *mixed.shape)
-        if filter_attention is not None:
-            mixed = mixed * filter_attention.reshape(n, c_out, 1, 1, 1)
-        if channel_attention is not None:
-            # Output channel o of group q reads input channels q*C_in/g ... ;
-            # the channel attention must follow the same grouping.
-            mixed = mixed.reshape(n, groups, c_out // groups, c_in_g, kh, kw)
-            mixed = mixed * channel_attention.reshape(n, groups, 1, c_in_g, 1, 1)
-            mixed = mixed.reshape(n, c_out, c_in_g, kh, kw)
+    if order == "kernel" and algorithm != "outputs":
+        dynamic = (channel_attention, filter_attention, spatial_attention)
+        dynamic = (*dynamic, kernel_attention)
+        if not any(t is not None for t in dynamic):  # one static kernel
+            return F.conv2d(x, weight[0], bias, *geometry)
         # The static bias rides along in the convolution: a separate addition
         # would cost a full pass over the output (about a tenth of the layer).
         if bias is not None:
-            bias = bias.to(mixed.dtype).expand(n, c_out)
-        return _per_sample_conv2d(x, mixed, bias, stride, padding, dilation, groups)
+            bias = bias.to(x.dtype).expand(n, c_out)
+        return mixed_conv2d(
+            x,
+            _mix_kernel,
+            weight,
+            dynamic,
+            bias,
+            *geometry,
+            algorithm=algorithm,
+            keep_kernels=keep_kernels,
+        )
 
-    # Feature order: the bias must come after the filter attention.
+    # Feature order (and "outputs"): alpha_c scales the input, alpha_f the
+    # output, and the bias comes after the filter attention.
     if channel_attention is not None:
         x = x * channel_attention.reshape(n, x.shape[1], 1, 1)
-    if mixed.dim() == 4:
-        out = F.conv2d(x, mixed, None, stride, padding, dilation, groups)
+    if algorithm == "outputs":
+        out = _outputs(x, spatial_attention, kernel_attention, weight, *geometry)
+    elif not per_sample:
+        out = F.conv2d(x, weight[0], None, *geometry)
     else:
-        out = _per_sample_conv2d(x, mixed, None, stride, padding, dilation, groups)
+        out = mixed_conv2d(
+            x,
+            _mix_feature,
+            weight,
+            (spatial_attention, kernel_attention),
+            None,
+            *geometry,
+            algorithm=algorithm,
+            keep_kernels=keep_kernels,
+        )
     if filter_attention is not None:
         out = out * filter_attention.reshape(n, c_out, 1, 1)
     if bias is not None:
@@ -566,6 +753,10 @@ class ODConv2d(TemperatureMixin, Conv2dBase):
         attention_norm: ``"batch"`` (official) or ``None``.
         temperature: initial temperature (official: 1.0).
         order: ``"auto"``, ``"kernel"`` or ``"feature"``, see :func:`odconv2d`.
+        algorithm: ``"auto"`` (the cheapest for the input's shape),
+            ``"grouped"``, ``"unfold"`` or ``"outputs"``, see :func:`odconv2d`.
+        keep_kernels: keep the per-sample kernels for the backward (``False``:
+            they are mixed again there, saving ``N`` kernels of memory).
         device, dtype: factory keyword arguments, as in ``nn.Conv2d``.
 
     Shapes:
@@ -586,6 +777,8 @@ class ODConv2d(TemperatureMixin, Conv2dBase):
         attention_norm: str | None = "batch",
         temperature: float = 1.0,
         order: str = "auto",
+        algorithm: str = "auto",
+        keep_kernels: bool = False,
         **conv_kwargs,
     ) -> None:
         # nn.Conv2d's arguments are parsed once, by Conv2dBase; the signature
@@ -605,6 +798,8 @@ class ODConv2d(TemperatureMixin, Conv2dBase):
         if order not in _ORDERS:
             raise ValueError(f"{owner} expected order in {_ORDERS}, got {order!r}")
         self.order = order
+        self.algorithm = check_bank_algorithm(algorithm, owner)
+        self.keep_kernels = check_bool(keep_kernels, "keep_kernels", owner=owner)
         self.temperature = temperature
         factory = self.factory_kwargs
         self.attention = ODAttention(
@@ -636,6 +831,26 @@ class ODConv2d(TemperatureMixin, Conv2dBase):
         yield "attention_norm", self.attention_norm, "batch"
         yield "temperature", self.temperature, 1.0
         yield "order", self.order, "auto"
+        yield "algorithm", self.algorithm, "auto"
+        yield "keep_kernels", self.keep_kernels, False
+
+    def resolve_algorithm(self, input_shape: Sequence[int]) -> str:
+        """``"grouped"``, ``"unfold"`` or ``"outputs"``: the algorithm a forward on
+        this shape uses (:func:`choose_algorithm` for ``"auto"``)."""
+        if self.algorithm != "auto":
+            return self.algorithm
+        n, c, h, w = input_shape
+        if self._pre_pad:
+            left, right, top, bottom = self._pad_lrtb
+            h, w = h + top + bottom, w + left + right
+        size = _output_size(
+            h, w, *self.kernel_size, self.stride, self.op_padding, self.dilation
+        )
+        itemsize = self.weight.element_size()
+        spatial = self.attention.spatial_fc is not None
+        return choose_algorithm(
+            (n, c, h, w), self.weight.shape, size, spatial=spatial, itemsize=itemsize
+        )
 
     def resolve_order(self, input_shape: Sequence[int]) -> str:
         """``"kernel"`` or ``"feature"``: the order a forward on this shape uses."""
@@ -685,6 +900,8 @@ class ODConv2d(TemperatureMixin, Conv2dBase):
             self.dilation,
             self.groups,
             self.resolve_order(x.shape),
+            self.resolve_algorithm(x.shape),
+            self.keep_kernels,
         )
 
     def _preserve(self, weight: Tensor, bias: Tensor | None) -> None:

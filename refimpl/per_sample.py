@@ -21,6 +21,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ._validation import (
     check_conv_operands,
@@ -36,7 +37,16 @@ except ImportError:  # torch < 2.3
 
 _is_autocast_available = getattr(torch.amp, "is_autocast_available", None)
 
-__all__ = ["ALGORITHMS", "per_sample_conv2d", "per_sample_conv2d_reference"]
+__all__ = [
+    "ALGORITHMS",
+    "BANK_ALGORITHMS",
+    "KERNEL_BUDGET",
+    "bank_costs",
+    "choose_bank_algorithm",
+    "mixed_conv2d",
+    "per_sample_conv2d",
+    "per_sample_conv2d_reference",
+]
 
 _OWNER = "per_sample_conv2d"
 
@@ -333,3 +343,357 @@ def per_sample_conv2d_reference(
     if not outputs:
         return per_sample_conv2d(input, weight, bias, stride, padding, dilation, groups)
     return torch.cat(outputs, dim=0)
+
+
+# --- kernel banks: the algorithms and their costs ------------------------------------
+
+#: The values of the ``algorithm`` option of the kernel-bank layers (CondConv2d,
+#: DynamicConv2d, ODConv2d) and of :func:`bank_costs`.
+BANK_ALGORITHMS = ("auto", "grouped", "unfold", "outputs")
+
+#: Elements of per-sample kernels alive at once in the memory-frugal path (8 MB in
+#: float32). A larger batch is mixed and convolved in chunks of samples: buffers of
+#: this size are recycled by the allocator instead of being faulted in afresh, which
+#: at the deep ResNet stages costs more than the mixing arithmetic itself.
+KERNEL_BUDGET = 1 << 21
+
+#: Cost of one byte written (and read back) through memory, in multiply-adds, for
+#: :func:`choose_bank_algorithm`: measured on a 2-core CPU, where a static convolution
+#: runs at about 60 GMAC/s and a per-sample kernel costs several such MACs per byte
+#: (written by the mixing, reordered and read by the grouped convolution).
+BYTE_MACS = 28.0
+
+
+def check_bank_algorithm(algorithm: object, owner: str) -> str:
+    """``algorithm`` if it is one of :data:`BANK_ALGORITHMS`, else a clear error."""
+    if not isinstance(algorithm, str):
+        raise TypeError(
+            f"{owner} expected algorithm to be a str, got "
+            f"{type(algorithm).__name__} {algorithm!r}"
+        )
+    if algorithm not in BANK_ALGORITHMS:
+        raise ValueError(
+            f"{owner} expected algorithm to be one of "
+            f"{', '.join(repr(a) for a in BANK_ALGORITHMS)}, got {algorithm!r}"
+        )
+    return algorithm
+
+
+def bank_costs(
+    input_shape,
+    weight_shape,
+    output_size,
+    *,
+    itemsize: int = 4,
+    keep_kernels: bool = False,
+    taps_apart: bool = False,
+    kernel_scalings: int = 0,
+    feature_scalings: int = 0,
+) -> dict[str, dict[str, int]]:
+    """What each algorithm of a kernel-bank layer costs for one forward.
+
+    A bank ``W: Tensor[K, C_out, C_in/g, kH, kW]`` is mixed per sample with
+    weights ``a: Tensor[N, K]``; the layer computes ``y_n = (sum_k a_nk W_k) * x_n``.
+    By linearity two orders give the same ``y`` (chapter 2):
+
+    * ``"grouped"`` / ``"unfold"``: mix the kernels, ``N * K * P`` MACs for
+      ``P = C_out * C_in/g * kH * kW``, writing ``N * P`` kernel entries, then one
+      per-sample convolution (the batch folded into the groups, or im2col and a
+      batched matrix product, which also writes ``N * C_in * kH * kW * H_out * W_out``
+      columns);
+    * ``"outputs"``: one static convolution with ``K * C_out`` output channels
+      (``K`` times the MACs of the layer), writing ``N * K * C_out * H_out * W_out``
+      outputs, then their mixture (as many MACs). With ``taps_apart`` (ODConv's
+      spatial attention, which differs per sample and per tap) the convolution is
+      split into ``kH * kW`` 1x1 convolutions, one per tap, each mixed on its own.
+
+    MACs count one multiply-add once (the papers' convention).
+    ``torch.utils.flop_counter`` counts two FLOPs per multiply-add of the
+    convolutions and matrix products it sees, and nothing for the elementwise
+    scalings, so its count halved is the ``"macs"`` here minus the elementwise
+    terms (``kernel_scalings`` passes over the ``N * P`` kernels, ``feature_scalings``
+    over ``N * C_in * H * W`` inputs or ``N * C_out * H_out * W_out`` outputs, as
+    ODConv's attentions do).
+
+    Args:
+        input_shape: ``(N, C_in, H, W)`` (after any explicit padding).
+        weight_shape: ``(K, C_out, C_in/g, kH, kW)``.
+        output_size: ``(H_out, W_out)``.
+        itemsize: bytes per element (4 for float32).
+        keep_kernels: whether the per-sample kernels are kept for the backward
+            (else they are recomputed there from ``a`` and ``W``).
+        taps_apart: ``"outputs"`` splits the taps (see above).
+        kernel_scalings, feature_scalings: elementwise passes of the mixing
+            algorithms over kernels and over feature maps (ODConv's attentions).
+
+    Returns:
+        ``{algorithm: {"macs", "written_bytes", "saved_bytes"}}`` for
+        ``"grouped"``, ``"unfold"`` and ``"outputs"``: multiply-adds,
+        bytes of the intermediate tensors each writes (per-sample kernels,
+        im2col columns, per-kernel outputs) and bytes the backward keeps besides
+        the input, the parameters and the output.
+    """
+    n, c_in, h, w = input_shape
+    k, c_out, c_in_g, kh, kw = weight_shape
+    h_out, w_out = output_size
+    taps = kh * kw
+    kernel = c_out * c_in_g * taps  # P
+    positions = h_out * w_out
+    conv = n * c_out * c_in_g * taps * positions
+    mix = n * k * kernel if k > 1 else 0
+    scalings = (
+        kernel_scalings * n * kernel
+        + feature_scalings * n * (c_in * h * w + c_out * positions) // 2
+    )
+    kernels = n * kernel
+    saved_kernels = kernels if keep_kernels else 0
+    cols = n * c_in * taps * positions
+    outputs = n * k * c_out * positions * (taps if taps_apart else 1)
+    return {
+        "grouped": {
+            "macs": conv + mix + scalings,
+            "written_bytes": kernels * itemsize,
+            "saved_bytes": saved_kernels * itemsize,
+        },
+        "unfold": {
+            "macs": conv + mix + scalings,
+            "written_bytes": (kernels + cols) * itemsize,
+            "saved_bytes": (saved_kernels + cols) * itemsize,
+        },
+        "outputs": {
+            "macs": k * conv + outputs,
+            "written_bytes": outputs * itemsize,
+            "saved_bytes": (outputs + (cols if taps_apart else 0)) * itemsize,
+        },
+    }
+
+
+def choose_bank_algorithm(costs: dict[str, dict[str, int]]) -> str:
+    """The algorithm ``"auto"`` runs in eager mode: the least
+    ``macs + BYTE_MACS * written_bytes`` of :func:`bank_costs` between
+    ``"grouped"`` and ``"outputs"``.
+
+    ``"unfold"`` is never chosen in eager mode: it does the work of ``"grouped"``
+    and writes the im2col columns on top. (While a graph is recorded the
+    per-sample convolution is always an ``"unfold"`` or ``"taps"`` form, see
+    :func:`per_sample_conv2d`.)
+    """
+
+    def time(name):
+        return costs[name]["macs"] + BYTE_MACS * costs[name]["written_bytes"]
+
+    return "outputs" if time("outputs") < time("grouped") else "grouped"
+
+
+# Output positions up to which the backward computes the kernel gradient by
+# im2col and a batched product rather than by the grouped convolution's backward.
+_UNFOLD_POSITIONS = 256
+
+
+def _samples_per_chunk(kernel_numel: int) -> int:
+    return max(1, KERNEL_BUDGET // max(kernel_numel, 1))
+
+
+class _RecomputedKernels(torch.autograd.Function):
+    """Mix per-sample kernels and convolve, chunk of samples by chunk, keeping
+    only the mixing's inputs for the backward, which mixes each chunk again.
+
+    ``forward(mix, geometry, x, bias, weight, *dynamic)``: ``mix(weight,
+    *dynamic_chunk)`` returns the chunk's kernels ``Tensor[n, C_out, C_in/g, kH,
+    kW]``; ``dynamic`` are per-sample tensors ``Tensor[N, ...]`` (or ``None``);
+    ``bias`` is an optional per-sample ``Tensor[N, C_out]``. The backward runs
+    ``aten.convolution_backward`` on each chunk's folded convolution (so the
+    convolution itself is not run again) and back-propagates the kernel gradient
+    through ``mix`` with autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, mix, geometry, x, bias, weight, *dynamic):
+        stride, padding, dilation, groups = geometry
+        n = x.shape[0]
+        per = _samples_per_chunk(weight[0].numel())
+        outs = []
+        for start in range(0, n, per):
+            part = slice(start, start + per)
+            kernel = mix(weight, *(None if d is None else d[part] for d in dynamic))
+            b = None if bias is None else bias[part]
+            outs.append(_grouped(x[part], kernel, b, stride, padding, dilation, groups))
+        ctx.mix, ctx.geometry, ctx.per = mix, geometry, per
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, *dynamic)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, *dynamic = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        needs = ctx.needs_input_grad  # (mix, geometry, x, bias, weight, *dynamic)
+        need_x, need_w, need_d = needs[2], needs[4], needs[5:]
+        need_kernel = need_w or any(need_d)
+        n, c_in, h, w = x.shape
+        grad_x = [] if need_x else None
+        grad_w = None
+        grad_d = [[] if need else None for need in need_d]
+        for start in range(0, n, ctx.per):
+            part = slice(start, start + ctx.per)
+            with torch.enable_grad():
+                wt = weight.detach().requires_grad_(need_w)
+                dt = [
+                    None if d is None else d[part].detach().requires_grad_(need)
+                    for d, need in zip(dynamic, need_d)
+                ]
+                kernel = ctx.mix(wt, *dt)
+            m, c_out = kernel.shape[:2]
+            g = grad[part]
+            positions = g.shape[2] * g.shape[3]
+            # Few output positions per kernel: the grouped convolution's own
+            # weight gradient is several times slower than im2col and a batched
+            # product (measured: 4.5x at 7x7, 1.5x at 14x14, slower at 28x28).
+            by_unfold = need_kernel and positions <= _UNFOLD_POSITIONS
+            gx, gk, _ = torch.ops.aten.convolution_backward(
+                g.reshape(1, m * c_out, g.shape[2], g.shape[3]),
+                x[part].reshape(1, m * c_in, h, w),
+                kernel.detach().reshape(m * c_out, *kernel.shape[2:]),
+                None,
+                stride,
+                padding,
+                dilation,
+                False,
+                (0, 0),
+                groups * m,
+                (need_x, need_kernel and not by_unfold, False),
+            )
+            if by_unfold:
+                cols = F.unfold(x[part], kernel.shape[-2:], dilation, padding, stride)
+                cols = cols.reshape(m, groups, -1, positions).transpose(2, 3)
+                gk = g.reshape(m, groups, c_out // groups, positions) @ cols
+            if need_x:
+                grad_x.append(gx.reshape(m, c_in, h, w))
+            if need_kernel:
+                gk = gk.reshape(kernel.shape)
+                coefficients = getattr(ctx.mix, "coefficients", None)
+                if need_w and coefficients is not None:
+                    # The kernels are linear in the bank, W_n = sum_k a_nk s_n W_k:
+                    # accumulate sum_n a_nk (s_n gk_n) in place, one buffer for
+                    # all chunks, instead of a fresh bank-sized gradient per chunk.
+                    a, scale = coefficients(wt, *dt)
+                    if grad_w is None:
+                        grad_w = torch.zeros_like(weight)
+                    scaled = gk if scale is None else gk * scale
+                    grad_w.view(weight.shape[0], -1).addmm_(
+                        a.detach().to(gk.dtype).t(), scaled.reshape(m, -1)
+                    )
+                    wt.requires_grad_(False)
+                inputs = [t for t in (wt, *dt) if t is not None and t.requires_grad]
+                grads = list(torch.autograd.grad(kernel, inputs, gk)) if inputs else []
+                if wt.requires_grad:
+                    gw = grads.pop(0)
+                    grad_w = gw if grad_w is None else grad_w + gw
+                for i, t in enumerate(dt):
+                    if t is not None and t.requires_grad:
+                        grad_d[i].append(grads.pop(0))
+        if need_x:
+            grad_x = torch.cat(grad_x)
+        grad_d = [None if parts is None else torch.cat(parts) for parts in grad_d]
+        grad_bias = grad.sum(dim=(2, 3)) if needs[3] else None
+        return (None, None, grad_x, grad_bias, grad_w, *grad_d)
+
+
+def _autocasting(device_type: str) -> bool:
+    if _is_autocast_available is None or not _is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
+def mixed_conv2d(
+    x: Tensor,
+    mix,
+    weight: Tensor,
+    dynamic: tuple,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    *,
+    algorithm: str = "grouped",
+    keep_kernels: bool = False,
+) -> Tensor:
+    """Mix per-sample kernels from a bank, then convolve each sample with its own.
+
+    ``mix(weight, *dynamic)`` returns the kernels ``Tensor[N, C_out, C_in/g, kH,
+    kW]`` from the bank ``weight`` and the per-sample tensors ``dynamic``
+    (``Tensor[N, ...]`` each, or ``None``); ``bias`` is ``Tensor[N, C_out]`` or
+    ``None``; the geometry is checked and parsed. ``algorithm`` is ``"grouped"``
+    or ``"unfold"`` (see :func:`per_sample_conv2d`).
+
+    Memory: by default (``keep_kernels=False``) the kernels are not kept for the
+    backward, which mixes them again from ``dynamic`` and ``weight``. In eager
+    mode ``"grouped"`` also mixes and convolves in chunks of samples whose
+    kernels hold at most :data:`KERNEL_BUDGET` elements, so the ``N`` kernels
+    never exist at once, in the forward or in the backward. ``"unfold"`` recomputes
+    through ``torch.utils.checkpoint``. While a graph is recorded, under
+    autocast, and for an empty batch, the kernels are mixed in one piece and left
+    to autograd (the compiler plans the memory of a recorded graph itself).
+    ``keep_kernels=True`` always does so: one pass, more memory.
+    """
+    eager = not (_recording() or _autocasting(x.device.type))
+    if keep_kernels or not eager or x.shape[0] == 0:
+        kernel = mix(weight, *dynamic)
+        if not eager:
+            algorithm = "auto"  # the recording-friendly per-sample form
+        return _per_sample_conv2d(
+            x, kernel, bias, stride, padding, dilation, groups, algorithm
+        )
+    geometry = (stride, padding, dilation, groups)
+    if algorithm == "grouped":
+        return _RecomputedKernels.apply(mix, geometry, x, bias, weight, *dynamic)
+
+    def run(x, bias, weight, *dynamic):
+        kernel = mix(weight, *dynamic)
+        return _per_sample_conv2d(x, kernel, bias, *geometry, algorithm)
+
+    if torch.is_grad_enabled():
+        return checkpoint(run, x, bias, weight, *dynamic, use_reentrant=False)
+    return run(x, bias, weight, *dynamic)
+
+
+def bank_outputs_conv2d(
+    x: Tensor,
+    mixing: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> Tensor:
+    """Convolve with every kernel of the bank at once, then mix the outputs.
+
+    ``y_n = sum_k mixing[n, k] (W_k * x_n) + bias_n``: one static ``F.conv2d`` with
+    ``K * C_out`` output channels (the bank ``Tensor[K, C_out, C_in/g, kH, kW]``
+    reordered so that each group's output channels stay together), then one
+    batched ``Tensor[1, K] @ Tensor[K, C_out/g * H_out * W_out]`` product per
+    sample and group. ``K`` times the multiply-adds of the layer, but no
+    per-sample kernel: at deep layers (few positions, many channels) the cheaper
+    algorithm, and the batch is only a tensor dimension. ``bias`` is the mixed
+    per-sample ``Tensor[N, C_out]`` or ``None``.
+    """
+    n = x.shape[0]
+    k, c_out, c_in_g, kh, kw = weight.shape
+    per_group = c_out // groups
+    bank = weight.reshape(k, groups, per_group, c_in_g, kh, kw).transpose(0, 1)
+    y = F.conv2d(
+        x,
+        bank.reshape(groups * k * per_group, c_in_g, kh, kw),
+        None,
+        stride,
+        padding,
+        dilation,
+        groups,
+    )
+    h_out, w_out = y.shape[-2:]
+    y = y.reshape(n, groups, k, per_group * h_out * w_out)
+    a = mixing.to(y.dtype).reshape(n, 1, 1, k).expand(n, groups, 1, k)
+    out = torch.matmul(a, y).reshape(n, c_out, h_out, w_out)
+    return out if bias is None else out + bias.to(out.dtype).reshape(n, c_out, 1, 1)

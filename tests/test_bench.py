@@ -332,3 +332,14 @@ def test_stages_cover_every_shape_and_batch(monkeypatch, tmp_path, capsys):
         assert f"| {batch} | {shape} | ddf |" in table
     assert (tmp_path / "stages_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in capsys.readouterr().out
+
+
+def test_forced_algorithm_cases_say_what_auto_chose():
+    for kind in ("condconv", "dynamic_conv", "odconv_4x"):
+        for algorithm in ("auto", "grouped", "unfold", "outputs"):
+            case = bench.CASES[f"{kind}_{algorithm}"](TINY, CPU, torch.float32)
+            assert f"algorithm={algorithm} (" in case.note
+            if algorithm != "auto":
+                assert case.note.endswith(f"({algorithm})")
+            x = torch.randn(TINY.batch, TINY.in_channels, TINY.size, TINY.size)
+            assert case.fn(x).shape == x.shape

@@ -614,3 +614,74 @@ def test_layout_errors():
         experts_from_flat(w, 4, 3, 3)
     with pytest.raises(ValueError, match=r"experts_from_flat expected layout in"):
         experts_from_flat(torch.zeros(2, 108), 4, 3, 3, layout="pt")
+
+
+# --- algorithms chosen by shape, forced by hand ---------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "grouped", "unfold", "outputs"])
+@pytest.mark.parametrize("keep_kernels", [False, True])
+def test_every_algorithm_equals_the_mixture_of_experts(algorithm, keep_kernels):
+    x = randn(5, 4, 7, 6, seed=21, requires_grad=True)
+    routing = torch.sigmoid(randn(5, 3, seed=22)).requires_grad_()
+    weight = randn(3, 6, 2, 3, 2, seed=23, requires_grad=True)
+    bias = randn(3, 6, seed=24, requires_grad=True)
+    args = (x, routing, weight, bias, (2, 1), 1, (1, 2), 2)
+    out = condconv2d(*args, algorithm=algorithm, keep_kernels=keep_kernels)
+    expected = condconv2d_reference(*args)
+    torch.testing.assert_close(out, expected, **tolerance(torch.float64))
+    grad = randn(*out.shape, seed=25)
+    inputs = (x, routing, weight, bias)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(expected, inputs, grad)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, **tolerance(torch.float64))
+
+
+@pytest.mark.parametrize("algorithm", ["grouped", "unfold", "outputs"])
+def test_layer_algorithms_agree_and_show_in_extra_repr(algorithm):
+    torch.manual_seed(0)
+    auto = CondConv2d(4, 6, 3, padding=1, num_kernels=3, dtype=torch.float64)
+    forced = CondConv2d(
+        4, 6, 3, padding=1, num_kernels=3, algorithm=algorithm, dtype=torch.float64
+    )
+    forced.load_state_dict(auto.state_dict())
+    x = randn(3, 4, 6, 5, seed=26)
+    torch.testing.assert_close(forced(x), auto(x), **tolerance(torch.float64))
+    assert f"algorithm={algorithm!r}" in forced.extra_repr()
+    assert "algorithm" not in auto.extra_repr()
+    kept = CondConv2d(4, 6, 3, keep_kernels=True)
+    assert "keep_kernels=True" in kept.extra_repr()
+
+
+def test_algorithm_and_keep_kernels_errors():
+    with pytest.raises(ValueError, match=r"CondConv2d expected algorithm to be one of"):
+        CondConv2d(4, 6, 3, algorithm="fft")
+    with pytest.raises(TypeError, match=r"CondConv2d expected algorithm to be a str"):
+        CondConv2d(4, 6, 3, algorithm=None)
+    with pytest.raises(TypeError, match=r"CondConv2d expected keep_kernels to be a"):
+        CondConv2d(4, 6, 3, keep_kernels="yes")
+    x, routing = randn(2, 4, 5, 5), randn(2, 3)
+    weight = randn(3, 6, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"condconv2d expected algorithm to be one"):
+        condconv2d(x, routing, weight, algorithm="loop")
+
+
+def test_auto_follows_the_cost_model():
+    layer = CondConv2d(512, 512, 3, padding=1, num_kernels=2, device="meta")
+    from refimpl.condconv import bank_algorithm
+
+    assert (
+        bank_algorithm((32, 512, 56, 56), layer.weight.shape, (1, 1), (1, 1), (1, 1))
+        == "grouped"
+    )
+    assert (
+        bank_algorithm((32, 512, 1, 1), layer.weight.shape, (1, 1), (1, 1), (1, 1))
+        == "outputs"
+    )
+    # the choice is the same for every batch size (a compiled batch stays dynamic)
+    for n in (1, 7, 64):
+        assert (
+            bank_algorithm((n, 512, 1, 1), layer.weight.shape, (1, 1), (1, 1), (1, 1))
+            == "outputs"
+        )

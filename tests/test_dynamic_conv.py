@@ -767,3 +767,49 @@ def test_hidden_width_errors():
         hidden_width(8, 0.25, 0, owner="DynamicConv2d")
     with pytest.raises(TypeError, match="DynamicConv2d expected min_hidden to be an"):
         hidden_width(8, 0.25, 4.0, owner="DynamicConv2d")
+
+
+# --- algorithms chosen by shape, forced by hand ---------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "grouped", "unfold", "outputs"])
+@pytest.mark.parametrize("keep_kernels", [False, True])
+def test_every_algorithm_equals_the_reference(algorithm, keep_kernels):
+    x = randn(5, 4, 7, 6, seed=31, requires_grad=True)
+    attention = torch.softmax(randn(5, 3, seed=32), dim=1).requires_grad_()
+    weight = randn(3, 6, 4, 3, 3, seed=33, requires_grad=True)
+    bias = randn(3, 6, seed=34, requires_grad=True)
+    args = (x, attention, weight, bias, 1, (1, 2), 1, 1)
+    out = dynamic_conv2d(*args, algorithm=algorithm, keep_kernels=keep_kernels)
+    expected = dynamic_conv2d_reference(*args)
+    torch.testing.assert_close(out, expected, **tolerance(torch.float64))
+    grad = randn(*out.shape, seed=35)
+    inputs = (x, attention, weight, bias)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(expected, inputs, grad)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, **tolerance(torch.float64))
+
+
+@pytest.mark.parametrize("algorithm", ["grouped", "unfold", "outputs"])
+def test_layer_algorithms_agree_in_value_and_gradient(algorithm):
+    torch.manual_seed(0)
+    kw = {"num_kernels": 3, "temperature": 1.0, "dtype": torch.float64}
+    auto = DynamicConv2d(4, 6, 3, padding=1, **kw)
+    forced = DynamicConv2d(4, 6, 3, padding=1, algorithm=algorithm, **kw)
+    forced.load_state_dict(auto.state_dict())
+    x = randn(3, 4, 6, 5, seed=36)
+    outs = [auto(x), forced(x)]
+    torch.testing.assert_close(outs[1], outs[0], **tolerance(torch.float64))
+    grads = [
+        torch.autograd.grad(o.sum(), m.weight) for o, m in zip(outs, (auto, forced))
+    ]
+    torch.testing.assert_close(grads[1], grads[0], **tolerance(torch.float64))
+    assert f"algorithm={algorithm!r}" in forced.extra_repr()
+
+
+def test_algorithm_errors():
+    with pytest.raises(ValueError, match=r"DynamicConv2d expected algorithm to be"):
+        DynamicConv2d(4, 6, 3, algorithm="Grouped")
+    with pytest.raises(TypeError, match=r"DynamicConv2d expected keep_kernels to be"):
+        DynamicConv2d(4, 6, 3, keep_kernels=1)

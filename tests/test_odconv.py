@@ -646,3 +646,70 @@ def test_functional_errors(fn):
     if fn is odconv2d:
         with pytest.raises(ValueError, match="order in"):
             fn(x, None, None, None, k, w, order="fast")
+
+
+# --- algorithms chosen by shape, forced by hand ---------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "grouped", "unfold", "outputs"])
+@pytest.mark.parametrize("order", ["kernel", "feature"])
+@pytest.mark.parametrize("num_kernels, spatial", [(3, True), (1, True), (3, False)])
+def test_every_algorithm_and_order_equals_the_reference(
+    algorithm, order, num_kernels, spatial
+):
+    n, groups = 4, 2
+    x = randn(n, 4, 7, 6, seed=41, requires_grad=True)
+    channel = torch.sigmoid(randn(n, 4, seed=42)).requires_grad_()
+    filt = torch.sigmoid(randn(n, 6, seed=43)).requires_grad_()
+    spat = torch.sigmoid(randn(n, 3, 2, seed=44)).requires_grad_() if spatial else None
+    kern = None
+    if num_kernels > 1:
+        kern = torch.softmax(randn(n, num_kernels, seed=45), 1).requires_grad_()
+    weight = randn(num_kernels, 6, 4 // groups, 3, 2, seed=46, requires_grad=True)
+    bias = randn(6, seed=47, requires_grad=True)
+    args = (x, channel, filt, spat, kern, weight, bias, (2, 1), 1, (1, 2), groups)
+    out = odconv2d(*args, order=order, algorithm=algorithm)
+    expected = odconv2d_reference(*args)
+    torch.testing.assert_close(out, expected, **tolerance(torch.float64))
+    inputs = [t for t in (x, channel, filt, spat, kern, weight, bias) if t is not None]
+    grad = randn(*out.shape, seed=48)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(expected, inputs, grad)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, **tolerance(torch.float64))
+
+
+def test_frugal_backward_equals_kept_kernels_to_round_off(monkeypatch):
+    import refimpl.per_sample as per_sample
+
+    monkeypatch.setattr(per_sample, "KERNEL_BUDGET", 100)  # several chunks
+    torch.manual_seed(0)
+    kw = {"num_kernels": 3, "attention_norm": None, "dtype": torch.float64}
+    frugal = ODConv2d(4, 6, 3, padding=1, order="kernel", **kw)
+    kept = ODConv2d(4, 6, 3, padding=1, order="kernel", keep_kernels=True, **kw)
+    kept.load_state_dict(frugal.state_dict())
+    x = randn(5, 4, 6, 5, seed=49)
+    grads = []
+    for layer in (frugal, kept):
+        out = layer(x)
+        grads.append(torch.autograd.grad(out.square().sum(), list(layer.parameters())))
+    for g, e in zip(*grads):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert "keep_kernels=True" in kept.extra_repr()
+    assert "keep_kernels" not in frugal.extra_repr()
+
+
+def test_resolve_algorithm_and_errors():
+    layer = ODConv2d(512, 512, 3, padding=1, num_kernels=2, device="meta")
+    assert layer.resolve_algorithm((32, 512, 56, 56)) == "grouped"
+    assert layer.resolve_algorithm((32, 512, 1, 1)) == "outputs"
+    forced = ODConv2d(4, 6, 3, algorithm="unfold")
+    assert forced.resolve_algorithm((32, 4, 1, 1)) == "unfold"
+    assert "algorithm='unfold'" in forced.extra_repr()
+    with pytest.raises(ValueError, match=r"ODConv2d expected algorithm to be one of"):
+        ODConv2d(4, 6, 3, algorithm="kernel")
+    with pytest.raises(TypeError, match=r"ODConv2d expected keep_kernels to be a bool"):
+        ODConv2d(4, 6, 3, keep_kernels=None)
+    x = randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"odconv2d expected algorithm to be one of"):
+        odconv2d(x, None, None, None, None, randn(1, 6, 4, 3, 3), algorithm="x")

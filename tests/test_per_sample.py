@@ -451,3 +451,160 @@ def test_onnx_export_dynamic_batch(name, fresh_dynamo):
             per_sample_conv2d(*inputs, *geometry[3:7]),
             **tolerance(torch.float32),
         )
+
+
+# --- kernel banks: algorithms, costs and the memory-frugal backward -------------------
+
+
+def _bank_data(n=5, k=3, c_in=4, c_out=6, kernel=(3, 2), groups=2, size=(7, 6)):
+    x = randn(n, c_in, *size, seed=11, requires_grad=True)
+    a = randn(n, k, seed=12, requires_grad=True)
+    w = randn(k, c_out, c_in // groups, *kernel, seed=13, requires_grad=True)
+    b = randn(n, c_out, seed=14, requires_grad=True)
+    return x, a, w, b
+
+
+def _mix(weight, mixing):
+    return (mixing @ weight.reshape(weight.shape[0], -1)).reshape(-1, *weight.shape[1:])
+
+
+def _literal_bank(x, a, w, b, geometry):
+    """sum_k a[:, k] conv2d(x, W_k) + b, one F.conv2d per kernel."""
+    out = b[:, :, None, None]
+    for k in range(w.shape[0]):
+        out = out + a[:, k, None, None, None] * F.conv2d(x, w[k], None, *geometry)
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["grouped", "unfold"])
+@pytest.mark.parametrize("keep_kernels", [False, True])
+@pytest.mark.parametrize("unfold_positions", [0, 10**6])
+@pytest.mark.parametrize("budget", [1, 150, 1 << 21])
+def test_mixed_conv2d_values_and_gradients_equal_the_literal_bank(
+    algorithm, keep_kernels, unfold_positions, budget, monkeypatch
+):
+    # budget 1 and 150: one and two samples per chunk; unfold_positions: the
+    # kernel gradient by the grouped convolution's backward or by im2col
+    monkeypatch.setattr(per_sample_module, "KERNEL_BUDGET", budget)
+    monkeypatch.setattr(per_sample_module, "_UNFOLD_POSITIONS", unfold_positions)
+    x, a, w, b = _bank_data()
+    geometry = ((2, 1), (1, 0), (1, 2), 2)
+    _mix.coefficients = lambda weight, mixing: (mixing, None)
+    out = per_sample_module.mixed_conv2d(
+        x, _mix, w, (a,), b, *geometry, algorithm=algorithm, keep_kernels=keep_kernels
+    )
+    expected = _literal_bank(x, a, w, b, geometry)
+    torch.testing.assert_close(out, expected, **tolerance(torch.float64))
+    grad = randn(*out.shape, seed=15)
+    got = torch.autograd.grad(out, (x, a, w, b), grad)
+    want = torch.autograd.grad(expected, (x, a, w, b), grad)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, **tolerance(torch.float64))
+
+
+def test_recomputed_backward_equals_the_materialising_one_without_coefficients(
+    monkeypatch,
+):
+    # a mix without the in-place bank-gradient shortcut goes through autograd
+    monkeypatch.setattr(per_sample_module, "KERNEL_BUDGET", 150)
+    x, a, w, b = _bank_data()
+
+    def mix(weight, mixing):
+        return _mix(weight, mixing)
+
+    geometry = ((1, 1), (1, 1), (1, 1), 2)
+    outs = [
+        per_sample_module.mixed_conv2d(x, mix, w, (a,), b, *geometry, keep_kernels=k)
+        for k in (False, True)
+    ]
+    grad = randn(*outs[0].shape, seed=16)
+    frugal, kept = (torch.autograd.grad(o, (x, a, w, b), grad) for o in outs)
+    torch.testing.assert_close(outs[0], outs[1], **tolerance(torch.float64))
+    for g, e in zip(frugal, kept):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def _saved_numel(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved)
+
+
+def test_kernels_are_not_saved_for_the_backward_unless_asked():
+    x, a, w, b = _bank_data(n=8)
+    geometry = ((1, 1), (1, 1), (1, 1), 2)
+    kernels = 8 * w[0].numel()
+
+    def run(keep):
+        return lambda: per_sample_module.mixed_conv2d(
+            x, _mix, w, (a,), b, *geometry, keep_kernels=keep
+        )
+
+    frugal, kept = _saved_numel(run(False)), _saved_numel(run(True))
+    assert kept - frugal >= kernels
+    # the frugal path keeps only its inputs: x, the bank and the mixing weights
+    assert frugal <= x.numel() + w.numel() + a.numel()
+
+
+def test_bank_outputs_conv2d_equals_the_literal_bank():
+    x, a, w, b = _bank_data()
+    geometry = ((2, 1), (1, 0), (1, 2), 2)
+    out = per_sample_module.bank_outputs_conv2d(x, a, w, b, *geometry)
+    expected = _literal_bank(x, a, w, b, geometry)
+    torch.testing.assert_close(out, expected, **tolerance(torch.float64))
+    grad = randn(*out.shape, seed=17)
+    got = torch.autograd.grad(out, (x, a, w, b), grad)
+    want = torch.autograd.grad(expected, (x, a, w, b), grad)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, **tolerance(torch.float64))
+
+
+def test_bank_costs_count_every_term():
+    # N=2, C_in=4 -> C_out=6, groups 2, 3x3, 5x5 output, K=3
+    costs = per_sample_module.bank_costs((2, 4, 5, 5), (3, 6, 2, 3, 3), (5, 5))
+    p = 6 * 2 * 9  # one kernel
+    conv = 2 * 6 * 2 * 9 * 25
+    assert costs["grouped"] == {
+        "macs": conv + 2 * 3 * p,
+        "written_bytes": 2 * p * 4,
+        "saved_bytes": 0,
+    }
+    cols = 2 * 4 * 9 * 25
+    assert costs["unfold"]["written_bytes"] == (2 * p + cols) * 4
+    outputs = 2 * 3 * 6 * 25
+    assert costs["outputs"] == {
+        "macs": 3 * conv + outputs,
+        "written_bytes": outputs * 4,
+        "saved_bytes": outputs * 4,
+    }
+    kept = per_sample_module.bank_costs(
+        (2, 4, 5, 5), (3, 6, 2, 3, 3), (5, 5), keep_kernels=True, itemsize=8
+    )
+    assert kept["grouped"]["saved_bytes"] == 2 * p * 8
+
+
+def test_choose_bank_algorithm_follows_positions_per_kernel():
+    # many positions share each kernel: mix the kernels; a 1x1 map with many
+    # channels: every kernel is used once, convolving with the bank is cheaper
+    early = per_sample_module.bank_costs((1, 64, 56, 56), (4, 64, 64, 3, 3), (56, 56))
+    late = per_sample_module.bank_costs((1, 512, 1, 1), (2, 512, 512, 3, 3), (1, 1))
+    assert per_sample_module.choose_bank_algorithm(early) == "grouped"
+    assert per_sample_module.choose_bank_algorithm(late) == "outputs"
+
+
+@pytest.mark.parametrize(
+    "value, error, match",
+    [
+        ("fast", ValueError, r"expected algorithm to be one of 'auto', 'grouped'"),
+        (3, TypeError, r"expected algorithm to be a str, got int 3"),
+    ],
+)
+def test_check_bank_algorithm_errors(value, error, match):
+    with pytest.raises(error, match="owner " + match):
+        per_sample_module.check_bank_algorithm(value, "owner")
