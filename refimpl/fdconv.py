@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._conv import Conv2dBase, check_convertible, hidden_width, init_like_conv2d
+from ._conv import Conv2dBase, hidden_width, init_like_conv2d
 from ._validation import (
     autocast_enabled,
     check_bool,
@@ -1109,9 +1109,3 @@ class FDConv2d(Conv2dBase):
         super().load_official_state_dict(state_dict)
         if indices is not None:
             self.fdw.load_official_indices(indices)
-
-    @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, *, preserve: bool = True, **options):
-        """As :meth:`~refimpl._conv.Conv2dBase.from_conv2d`, refusing grouped convolutions."""
-        check_convertible(conv, owner=f"{cls.__name__}.from_conv2d")
-        return super().from_conv2d(conv, preserve=preserve, **options)
