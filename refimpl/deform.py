@@ -15,6 +15,10 @@ The vectorised operator builds the im2col "columns" of the deformed grid with
 one ``embedding_bag`` call (four weighted rows of a channels-last copy of the
 input per sampling point) and multiplies them with the weight, in chunks of
 output positions so that the columns never occupy more than a fixed budget.
+When the weight groups split the offset groups (depthwise layers among them)
+it accumulates the output tap by tap instead, one sample of whole offset groups
+per tap times that tap's weights (the rule, in ``_tap_by_tap``: more channel
+groups than offset groups).
 """
 
 from __future__ import annotations
@@ -286,8 +290,60 @@ def _deform_rows(table, index, weight, wmat, bias):
     return out if bias is None else out + bias
 
 
-def _chunked_rows(table, index, weight, wmat, bias, rows, columns_per_row):
-    """:func:`_deform_rows` in chunks of at most ``COLUMN_BUDGET`` column entries.
+def _deform_rows_by_tap(table, index, weight, wmat, bias):
+    """Output rows of a chunk of positions, accumulated tap by tap.
+
+    The grouped counterpart of :func:`_deform_rows`, for weight groups that
+    split the offset groups (``groups`` a multiple ``> 1`` of ``G``, the
+    depthwise case ``groups == C_in`` among them): the table rows are whole
+    offset groups, ``C_in/G`` channels wide, and every tap reads one sample
+    ``Tensor[R, C_in]`` of them, multiplied by its own slice of the weight and
+    added to the output, so that the ``kh*kw``-times-larger columns are never
+    formed at once and no group ever multiplies a matrix one channel wide.
+
+    ``index``/``weight``: ``Tensor[R, G, taps, 4]``; ``wmat``: ``Tensor[taps, G,
+    groups/G, C_in/groups, C_out/groups]``. Returns ``Tensor[R, C_out]``.
+    """
+    rows, taps = index.shape[0], index.shape[2]
+    offset_groups, per, c_in_g, c_out_g = wmat.shape[1:]
+    out = bias
+    for tap in range(taps):
+        sample = F.embedding_bag(
+            index[:, :, tap].reshape(-1, 4),
+            table,
+            per_sample_weights=weight[:, :, tap].reshape(-1, 4),
+            mode="sum",
+        ).reshape(rows, offset_groups, per, c_in_g)
+        if c_in_g == 1:  # depthwise (times a channel multiplier): no sum at all
+            term = sample * wmat[tap].reshape(offset_groups, per, c_out_g)
+        else:
+            term = torch.einsum("rgpc,gpco->rgpo", sample, wmat[tap])
+        term = term.reshape(rows, offset_groups * per * c_out_g)
+        out = term if out is None else out + term
+    return out
+
+
+def _tap_by_tap(groups, offset_groups):
+    """Whether :func:`_deform_conv2d` accumulates tap by tap (the shape rule).
+
+    Yes when the weight groups split the offset groups (``groups`` a multiple
+    of ``offset_groups``, and larger): depthwise and other grouped layers with
+    one set of offsets for several groups. The im2col path would then gather
+    table rows only ``C_in/groups`` channels wide (one channel, depthwise) and
+    multiply ``groups`` matrices that thin; measured on a CPU, it is several
+    times slower than torchvision there, the tap-by-tap path several times
+    faster. Otherwise (dense layers, or as many offset groups as weight groups
+    or more) the rows are already as wide as the groups allow and one matmul
+    per group is the fastest route.
+    """
+    return groups > offset_groups and groups % offset_groups == 0
+
+
+def _chunked_rows(
+    table, index, weight, wmat, bias, rows, columns_per_row, rows_fn=_deform_rows
+):
+    """``rows_fn`` (:func:`_deform_rows` or :func:`_deform_rows_by_tap`) in
+    chunks of at most ``COLUMN_BUDGET`` column entries.
 
     Recomputing a chunk's columns in the backward pass (as torchvision does)
     keeps only the inputs alive between the passes, not the columns.
@@ -302,9 +358,9 @@ def _chunked_rows(table, index, weight, wmat, bias, rows, columns_per_row):
         rows_part = slice(start, start + chunk)
         part = (table, index[rows_part], weight[rows_part], wmat, bias)
         if recompute:
-            outs.append(checkpoint(_deform_rows, *part, use_reentrant=False))
+            outs.append(checkpoint(rows_fn, *part, use_reentrant=False))
         else:
-            outs.append(_deform_rows(*part))
+            outs.append(rows_fn(*part))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
@@ -427,9 +483,11 @@ def _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     groups = c_in // c_in_g
     offset_groups = offset.shape[1] // (2 * taps)
     out_h, out_w = offset.shape[2], offset.shape[3]
+    by_tap = _tap_by_tap(groups, offset_groups)
     # Channels are gathered in sub-groups fine enough to serve both groupings,
-    # so that every weight group reads a contiguous slice of the columns.
-    subgroups = _lcm(offset_groups, groups)
+    # so that every weight group reads a contiguous slice of the columns; tap
+    # by tap, in whole offset groups (every weight group lies inside one).
+    subgroups = offset_groups if by_tap else _lcm(offset_groups, groups)
     y, x = _sampling_points(offset, (kh, kw), stride, padding, dilation)
     index, bil = _corners(y, x, h, w, subgroups)
     table = _table(input, subgroups)
@@ -443,19 +501,30 @@ def _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     rows = n * out_h * out_w
     index = index.reshape(rows, subgroups, taps, 4)
     bil = bil.reshape(rows, subgroups, taps, 4).to(input.dtype)
-    # weight [C_out, C_in/groups, kh, kw]
-    #     -> [groups, (sub-group, tap, channel), C_out/groups]
-    per = subgroups // groups
-    wmat = weight.reshape(groups, c_out // groups, per, c_in // subgroups, taps)
-    wmat = wmat.permute(0, 2, 4, 3, 1).reshape(groups, -1, c_out // groups)
+    if by_tap:
+        # weight [C_out, C_in/groups, kh, kw]
+        #     -> [tap, offset group, its weight groups, C_in/groups, C_out/groups]
+        per = groups // offset_groups
+        wmat = weight.reshape(offset_groups, per, c_out // groups, c_in_g, taps)
+        wmat = wmat.permute(4, 0, 1, 3, 2)
+        rows_fn = _deform_rows_by_tap
+    else:
+        # weight [C_out, C_in/groups, kh, kw]
+        #     -> [groups, (sub-group, tap, channel), C_out/groups]
+        per = subgroups // groups
+        wmat = weight.reshape(groups, c_out // groups, per, c_in // subgroups, taps)
+        wmat = wmat.permute(0, 2, 4, 3, 1).reshape(groups, -1, c_out // groups)
+        rows_fn = _deform_rows
 
     if torch.compiler.is_compiling():
         # One chunk: a loop over the (symbolic) number of rows would make the
         # compiler specialise the graph to each batch and spatial size; the
         # compiler plans the memory of the columns itself.
-        out = _deform_rows(table, index, bil, wmat, bias)
+        out = rows_fn(table, index, bil, wmat, bias)
     else:
-        out = _chunked_rows(table, index, bil, wmat, bias, rows, c_in * taps)
+        out = _chunked_rows(
+            table, index, bil, wmat, bias, rows, c_in * taps, rows_fn=rows_fn
+        )
     out = out.reshape(n, out_h, out_w, c_out).permute(0, 3, 1, 2)
     channels_last = input.is_contiguous(memory_format=torch.channels_last)
     if channels_last and not input.is_contiguous():

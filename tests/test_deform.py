@@ -679,3 +679,139 @@ def test_fresh_module_with_padding_strings_is_plain_conv(padding, modulated):
         out = layer(x)
         assert out.shape == conv(x).shape
         torch.testing.assert_close(out, conv(x), **tolerance(F64))
+
+
+# --- the tap-by-tap path (weight groups inside offset groups) ------------------------
+
+BY_TAP_CASES = [
+    # (n, c_in, c_out, hw, kernel, stride, padding, dilation, groups, offset_groups,
+    #  masked)
+    # depthwise, groups == C_in
+    (2, 3, 3, (5, 4), (3, 3), 1, 1, 1, 3, 1, True),
+    # depthwise with a channel multiplier of 2, two offset groups, every size
+    # argument a non-square pair
+    (1, 4, 8, (5, 6), (2, 3), (2, 1), (1, 2), (2, 1), 4, 2, True),
+    # 1 < groups < C_in (three channels per group), DCNv1
+    (1, 6, 4, (5, 4), (3, 2), 1, (1, 0), (1, 2), 2, 1, False),
+    # two weight groups in each of two offset groups, stride 2
+    (2, 8, 8, (4, 5), (2, 2), 2, 1, 1, 4, 2, True),
+]
+
+
+@pytest.mark.parametrize(
+    "groups, offset_groups, expected",
+    [
+        (1, 1, False),  # dense
+        (2, 1, True),
+        (96, 1, True),  # depthwise
+        (4, 2, True),
+        (2, 2, False),  # as many offset groups as weight groups
+        (2, 4, False),
+        (3, 2, False),  # not nested
+    ],
+)
+def test_tap_by_tap_rule(groups, offset_groups, expected):
+    assert deform._tap_by_tap(groups, offset_groups) is expected
+
+
+@pytest.mark.parametrize("case", BY_TAP_CASES)
+def test_tap_by_tap_matches_literal_loops(case, monkeypatch):
+    n, c_in, c_out, hw, k, s, p, d, g, og, masked = case
+    calls = []
+
+    def spy(*args):
+        calls.append(args[1].shape)
+        return by_tap(*args)
+
+    by_tap = deform._deform_rows_by_tap
+    monkeypatch.setattr(deform, "_deform_rows_by_tap", spy)
+    tensors, kwargs = _problem(n, c_in, c_out, hw, k, s, p, d, g, og, masked)
+    _assert_same(
+        deform_conv2d, deform_conv2d_reference, tensors, kwargs, tolerance(F64)
+    )
+    assert calls  # the values and gradients above are the tap-by-tap path's
+
+
+@pytest.mark.parametrize("case", BY_TAP_CASES)
+def test_tap_by_tap_matches_torchvision(case, device):
+    n, c_in, c_out, hw, k, s, p, d, g, og, masked = case
+    tensors, kwargs = _problem(
+        n, c_in, c_out, hw, k, s, p, d, g, og, masked, scale=3.0, device=device
+    )
+    _assert_same(deform_conv2d, tv_ops.deform_conv2d, tensors, kwargs, tolerance(F64))
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_tap_by_tap_gradcheck(masked):
+    tensors, kwargs = _problem(
+        1,
+        4,
+        8,
+        (3, 4),
+        (2, 2),
+        padding=(1, 0),
+        dilation=(1, 2),
+        groups=4,
+        offset_groups=2,
+        masked=masked,
+        scale=1.3,
+        seed=5,
+    )
+    inputs = [t for t in tensors if t is not None]
+
+    def fn(*args):
+        x, offset, weight, bias = args[:4]
+        return deform_conv2d(
+            x, offset, weight, bias, mask=args[4] if masked else None, **kwargs
+        )
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_tap_by_tap_chunks_and_no_grad_agree(monkeypatch):
+    tensors, kwargs = _problem(
+        3, 4, 8, (7, 6), (3, 2), padding=1, groups=4, offset_groups=2
+    )
+    expected = _values_and_grads(tv_ops.deform_conv2d, tensors, kwargs)
+    monkeypatch.setattr(deform, "COLUMN_BUDGET", 50)
+    out, grads = _values_and_grads(deform_conv2d, tensors, kwargs)
+    torch.testing.assert_close(out, expected[0], **tolerance(F64))
+    for a, b in zip(grads, expected[1]):
+        torch.testing.assert_close(a, b, **tolerance(F64))
+    with torch.no_grad():
+        again = deform_conv2d(*tensors[:4], mask=tensors[4], **kwargs)
+    torch.testing.assert_close(again, out.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [0, 2])
+def test_tap_by_tap_zero_offsets_and_empty_batch(n):
+    tensors, kwargs = _problem(n, 6, 12, (5, 5), (3, 3), padding=1, groups=6)
+    x, offset, weight, bias, mask = tensors
+    offset = torch.zeros_like(offset)
+    out = deform_conv2d(x, offset, weight, bias, padding=1)
+    plain = F.conv2d(x, weight, bias, padding=1, groups=6)
+    torch.testing.assert_close(out, plain, **tolerance(F64))
+    (g_x, g_w) = torch.autograd.grad(out.sum(), (x, weight))
+    assert g_x.shape == x.shape and g_w.shape == weight.shape
+    if n == 0:
+        assert not g_w.any()
+
+
+def test_tap_by_tap_module_and_compile():
+    layer = DeformConv2d(4, 8, 3, padding=1, groups=4, offset_groups=2)
+    layer = layer.double()
+    x = randn(2, 4, 6, 5, seed=0)
+    conv = F.conv2d(x, layer.weight, layer.bias, padding=1, groups=4)
+    torch.testing.assert_close(layer(x), conv, **tolerance(F64))  # fresh layer
+    layer = DeformConv2d(4, 4, 3, padding=1, groups=4, modulated=True).double()
+    with torch.no_grad():
+        layer.conv_offset.weight.normal_(
+            0, 0.3, generator=torch.Generator().manual_seed(1)
+        )
+    offset, mask = layer._dynamic(x)
+    expected = deform_conv2d_reference(
+        x, offset, layer.weight, layer.bias, padding=1, mask=mask
+    )
+    torch.testing.assert_close(layer(x), expected, **tolerance(F64))
+    compiled = torch.compile(layer, backend="eager")
+    torch.testing.assert_close(compiled(x), expected, **tolerance(F64))

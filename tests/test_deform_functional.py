@@ -288,3 +288,61 @@ def test_jit_trace_is_refused_with_the_supported_routes():
         torch.jit.trace(fn, (x, offset))
     with pytest.raises(RuntimeError, match=match):
         torch.jit.trace(_Wrapper(), (x, offset, mask))
+
+
+# --- the tap-by-tap path (weight groups inside offset groups) ------------------------
+
+
+@pytest.mark.parametrize("groups, offset_groups, c_out", [(4, 1, 8), (4, 2, 4)])
+@pytest.mark.parametrize("value", [INF, NAN])
+def test_tap_by_tap_nonfinite_values_match_torchvision(
+    groups, offset_groups, c_out, value
+):
+    assert deform._tap_by_tap(groups, offset_groups)
+    tensors = _problem(F32, groups, offset_groups, c_out=c_out)
+    x = tensors[0]
+    x[0, 1, 2, 3] = x[1, 2, 0, 0] = x[1, 3, 4, 2] = value
+    out, grads = _run(deform_conv2d, tensors)
+    assert 0 < (~torch.isfinite(out)).sum() < out.numel() // 2  # local
+    expected, tv_grads = _run(tv_ops.deform_conv2d, tensors)
+    _close(out, expected, **TOL[F32])
+    _close(out, _reference(tensors), **TOL[F32])
+    for name, g, g_tv in zip(
+        ["input", "offset", "weight", "bias", "mask"], grads, tv_grads
+    ):
+        _close(g, g_tv, **TOL[F32], msg=lambda m, n=name: f"{n}: {m}")
+    # a NaN coordinate (torchvision does not take one): NaN exactly where read
+    tensors[1][1, 2 * (9 * (offset_groups - 1) + 4), 3, 2] = NAN  # centre tap, dy
+    out = _run(deform_conv2d, tensors, grads=False)[0]
+    _close(out, _reference(tensors), **TOL[F32])
+    # integer points: the zero-weight neighbours of a non-finite pixel stay
+    # untouched, and the result is the plain grouped convolution's
+    x, offset, weight, bias, _ = tensors
+    offset = torch.zeros_like(offset)
+    out = _run(deform_conv2d, [x, offset, weight, bias, None], grads=False)[0]
+    _close(out, F.conv2d(x, weight, bias, padding=1, groups=groups), **TOL[F32])
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_tap_by_tap_export_with_dynamic_sizes(fresh_dynamo, spatial):
+    class Depthwise(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(randn(4, 1, 3, 3, seed=1, dtype=F32))
+
+        def forward(self, x, offset, mask):
+            return deform_conv2d(x, offset, self.weight, padding=1, mask=mask)
+
+    module = Depthwise()
+    x, offset, _, _, mask = _problem(F32, groups=4, c_out=4, n=3, hw=6)
+    dims = {0: torch.export.Dim("batch")}
+    if spatial:
+        dims |= {2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    program = torch.export.export(
+        module, (x, offset, mask), dynamic_shapes=(dims, dims, dims)
+    )
+    for n, hw in ((2, 6), (5, 6)) + (((4, 9),) if spatial else ()):
+        x, offset, _, _, mask = _problem(F32, groups=4, c_out=4, n=n, hw=hw, seed=n)
+        torch.testing.assert_close(
+            program.module()(x, offset, mask), module(x, offset, mask)
+        )
