@@ -50,6 +50,9 @@ __all__ = [
     "measure",
     "peak_memory",
     "run",
+    "run_stages",
+    "format_stages",
+    "format_stage_ratios",
     "format_table",
     "main",
 ]
@@ -480,10 +483,28 @@ def _calls(
     return forward, forward_backward
 
 
+def _timing_module():
+    """``torch.utils.benchmark``, imported without its import-time warning.
+
+    Importing it imports ``torch.utils.cpp_extension``, which logs a warning on
+    machines without a CUDA toolkit; timing Python calls needs no compiler, and
+    in a notebook the warning would land in the stored output.
+    """
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        log.setLevel(level)
+    return benchmark
+
+
 def _latency(stmt: Callable[[], object], device, min_run_time: float) -> float:
     """Median seconds per call of ``stmt``."""
-    from torch.utils import benchmark
-
+    benchmark = _timing_module()
     stmt()  # warm-up: allocator, lazy init, kernels selection
     _sync(device)
     timer = benchmark.Timer(stmt="stmt()", globals={"stmt": stmt})
@@ -1061,6 +1082,21 @@ def format_stages(rows: list[dict], device: torch.device) -> str:
             f"| {r['peak_bytes'] / 2**20:.1f} | {r['peak_ratio']:.2f} "
             f"| {_number(r['params'], 1e3, 1)} | {_number(r['macs'], 1e6, 1)} "
             f"| {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def format_stage_ratios(rows: list[dict]) -> str:
+    """A compact text table of :func:`run_stages` rows: one line per case and
+    shape, forward and forward+backward time as ratios to the baseline, and the
+    case's note shortened to what ``"auto"`` chose (lines fit a book page)."""
+    lines = [f"{'N':>3} {'C':>4} {'size':>5}  {'case':<22}{'fwd':>7}{'fwd+bwd':>9}"]
+    for r in rows:
+        if r.get("skipped"):
+            continue
+        lines.append(
+            f"{r['batch']:>3} {r['channels']:>4} {r['size']:>4}²  {r['name']:<22}"
+            f"{r['forward_ratio']:>6.2f}x{r['forward_backward_ratio']:>8.2f}x"
         )
     return "\n".join(lines)
 

@@ -343,3 +343,20 @@ def test_forced_algorithm_cases_say_what_auto_chose():
                 assert case.note.endswith(f"({algorithm})")
             x = torch.randn(TINY.batch, TINY.in_channels, TINY.size, TINY.size)
             assert case.fn(x).shape == x.shape
+
+
+def test_stage_ratios_fit_a_page_and_list_every_case():
+    rows = bench.run_stages(
+        ["conv2d_depthwise"],
+        CPU,
+        stages=((4, 8), (8, 4)),
+        batches=(2,),
+        min_run_time=0.01,
+        rounds=1,
+        memory=False,
+    )
+    text = bench.format_stage_ratios(rows)
+    lines = text.splitlines()
+    assert len(lines) == 1 + 2 * 2 and all(len(line) <= 88 for line in lines)
+    assert "  2    8    4²  conv2d_depthwise" in text
+    assert lines[1].split()[-2:] == ["1.00x", "1.00x"]  # the baseline itself
