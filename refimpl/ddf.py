@@ -162,6 +162,19 @@ def _check_operands(input, channel_filter, spatial_filter, k, stride, *, owner):
     return heads
 
 
+def _check_arguments(
+    owner, x, channel, spatial, kernel_size, stride, dilation, combine
+):
+    """Every check of :func:`ddf` and :func:`ddf_reference`; returns ``(k, stride,
+    dilation, combine, heads)`` parsed."""
+    k = _check_kernel_size(kernel_size, owner=owner)
+    stride = pair(stride, "stride", owner=owner)
+    dilation = pair(dilation, "dilation", owner=owner)
+    combine = _check_combine(combine, owner=owner)
+    heads = _check_operands(x, channel, spatial, k, stride, owner=owner)
+    return k, stride, dilation, combine, heads
+
+
 # --- the literal reference ----------------------------------------------------------
 
 
@@ -183,13 +196,15 @@ def ddf_reference(
     right; the tests check :func:`ddf` against it in float64, and chapter 5 shows
     it. Arguments as for :func:`ddf`.
     """
-    owner = "ddf_reference"
-    k = _check_kernel_size(kernel_size, owner=owner)
-    stride = pair(stride, "stride", owner=owner)
-    dilation = pair(dilation, "dilation", owner=owner)
-    combine = _check_combine(combine, owner=owner)
-    heads = _check_operands(
-        input, channel_filter, spatial_filter, k, stride, owner=owner
+    k, stride, dilation, combine, heads = _check_arguments(
+        "ddf_reference",
+        input,
+        channel_filter,
+        spatial_filter,
+        kernel_size,
+        stride,
+        dilation,
+        combine,
     )
     n, c, h, w = input.shape
     h_out, w_out = spatial_filter.shape[2:]
@@ -488,13 +503,15 @@ def ddf(
         ValueError: an even ``kernel_size``, filter shapes that do not match the
             input, heads that do not divide the channels, a bad ``combine``.
     """
-    owner = "ddf"
-    k = _check_kernel_size(kernel_size, owner=owner)
-    stride = pair(stride, "stride", owner=owner)
-    dilation = pair(dilation, "dilation", owner=owner)
-    combine = _check_combine(combine, owner=owner)
-    heads = _check_operands(
-        input, channel_filter, spatial_filter, k, stride, owner=owner
+    k, stride, dilation, combine, heads = _check_arguments(
+        "ddf",
+        input,
+        channel_filter,
+        spatial_filter,
+        kernel_size,
+        stride,
+        dilation,
+        combine,
     )
     x, channel, spatial = input, channel_filter, spatial_filter
     if autocast_enabled(x.device.type):

@@ -628,42 +628,24 @@ def train_denoiser(
     Raises:
         TypeError, ValueError: for malformed arguments, before training starts.
     """
-    owner = "train_denoiser"
-    check_positive_int(epochs, "epochs", owner=owner)
-    check_positive_int(batch_size, "batch_size", owner=owner)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"{owner} expected lr > 0, got {lr!r}")
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"{owner} expected generator to be a torch.Generator, got "
-            f"{type(generator).__name__}"
-        )
-    if not isinstance(data, DenoisingData):
-        raise TypeError(
-            f"{owner} expected data to be a DenoisingData, got {type(data).__name__}"
-        )
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    n = data.train_x.shape[0]
-    steps = math.ceil(n / batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps)
-    noise_mse = (data.test_x - data.test_y).double().square().mean().item()
-    history = DenoisingHistory([], [], noise_mse, 0.0)
-    start = time.perf_counter()
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(n, generator=generator).to(data.train_x.device)
-        total = data.train_x.new_zeros((), dtype=torch.float64)
-        for i in range(steps):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            loss = F.mse_loss(model(data.train_x[idx]), data.train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.detach().double() * idx.shape[0]
-        history.train_loss.append(total.item() / n)
+    history = DenoisingHistory([], [], 0.0, 0.0)  # noise_mse set after training
+
+    def evaluate() -> None:
         history.test_mse.append(denoising_mse(model, data.test_x, data.test_y))
-    history.seconds = time.perf_counter() - start
+
+    history.train_loss, history.seconds = _fit(
+        "train_denoiser",
+        model,
+        data,
+        DenoisingData,
+        F.mse_loss,
+        evaluate,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        generator=generator,
+    )
+    history.noise_mse = (data.test_x - data.test_y).double().square().mean().item()
     return history
 
 
@@ -949,7 +931,50 @@ def train_segmenter(
     Raises:
         TypeError, ValueError: for malformed arguments, before training starts.
     """
-    owner = "train_segmenter"
+    history = SegmentationHistory([], [], [], 0.0)
+
+    def evaluate() -> None:
+        accuracy, miou = segmentation_scores(
+            model, data.test_x, data.test_y, data.num_classes
+        )
+        history.test_accuracy.append(accuracy)
+        history.test_miou.append(miou)
+
+    history.train_loss, history.seconds = _fit(
+        "train_segmenter",
+        model,
+        data,
+        SegmentationData,
+        F.cross_entropy,
+        evaluate,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        generator=generator,
+    )
+    return history
+
+
+def _fit(
+    owner,
+    model,
+    data,
+    data_type,
+    loss_fn,
+    evaluate,
+    *,
+    epochs,
+    lr,
+    batch_size,
+    generator,
+):
+    """The training loop of :func:`train_denoiser` and :func:`train_segmenter`.
+
+    Checks the arguments, then trains with Adam and a cosine decay of ``lr`` to
+    zero over all steps, shuffling with ``generator``, and calls ``evaluate()``
+    after every epoch. Returns the mean training loss of every epoch and the
+    seconds spent.
+    """
     check_positive_int(epochs, "epochs", owner=owner)
     check_positive_int(batch_size, "batch_size", owner=owner)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
@@ -959,15 +984,16 @@ def train_segmenter(
             f"{owner} expected generator to be a torch.Generator, got "
             f"{type(generator).__name__}"
         )
-    if not isinstance(data, SegmentationData):
+    if not isinstance(data, data_type):
         raise TypeError(
-            f"{owner} expected data to be a SegmentationData, got {type(data).__name__}"
+            f"{owner} expected data to be a {data_type.__name__}, got "
+            f"{type(data).__name__}"
         )
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     n = data.train_x.shape[0]
     steps = math.ceil(n / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps)
-    history = SegmentationHistory([], [], [], 0.0)
+    losses = []
     start = time.perf_counter()
     for _ in range(epochs):
         model.train()
@@ -975,17 +1001,12 @@ def train_segmenter(
         total = data.train_x.new_zeros((), dtype=torch.float64)
         for i in range(steps):
             idx = order[i * batch_size : (i + 1) * batch_size]
-            loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+            loss = loss_fn(model(data.train_x[idx]), data.train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             total += loss.detach().double() * idx.shape[0]
-        history.train_loss.append(total.item() / n)
-        accuracy, miou = segmentation_scores(
-            model, data.test_x, data.test_y, data.num_classes
-        )
-        history.test_accuracy.append(accuracy)
-        history.test_miou.append(miou)
-    history.seconds = time.perf_counter() - start
-    return history
+        losses.append(total.item() / n)
+        evaluate()
+    return losses, time.perf_counter() - start
