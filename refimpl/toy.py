@@ -614,6 +614,7 @@ def train_denoiser(
     lr: float,
     batch_size: int,
     generator: torch.Generator,
+    on_iteration_start: Callable[[nn.Module, float], None] | None = None,
 ) -> DenoisingHistory:
     """Train ``model`` on ``data`` with Adam and the mean squared error.
 
@@ -621,6 +622,8 @@ def train_denoiser(
     steps, shuffling with ``generator``), with the squared error in place of the
     cross-entropy and the test error measured after every epoch by
     :func:`denoising_mse`. ``data`` must already be on the model's device.
+    ``on_iteration_start(model, progress)`` is called before every step, as in
+    :func:`train` (temperature schedules).
 
     Returns:
         A :class:`DenoisingHistory`.
@@ -644,6 +647,7 @@ def train_denoiser(
         lr=lr,
         batch_size=batch_size,
         generator=generator,
+        on_iteration_start=on_iteration_start,
     )
     history.noise_mse = (data.test_x - data.test_y).double().square().mean().item()
     return history
@@ -917,13 +921,15 @@ def train_segmenter(
     lr: float,
     batch_size: int,
     generator: torch.Generator,
+    on_iteration_start: Callable[[nn.Module, float], None] | None = None,
 ) -> SegmentationHistory:
     """Train ``model`` on ``data`` with Adam and the per-pixel cross-entropy.
 
     The protocol of :func:`train` (cosine decay of ``lr`` to zero over all steps,
     shuffling with ``generator``), with the test pixel accuracy and mean IoU
     measured after every epoch by :func:`segmentation_scores`. ``data`` must
-    already be on the model's device.
+    already be on the model's device. ``on_iteration_start(model, progress)`` is
+    called before every step, as in :func:`train` (temperature schedules).
 
     Returns:
         A :class:`SegmentationHistory`.
@@ -951,6 +957,7 @@ def train_segmenter(
         lr=lr,
         batch_size=batch_size,
         generator=generator,
+        on_iteration_start=on_iteration_start,
     )
     return history
 
@@ -967,12 +974,14 @@ def _fit(
     lr,
     batch_size,
     generator,
+    on_iteration_start=None,
 ):
     """The training loop of :func:`train_denoiser` and :func:`train_segmenter`.
 
     Checks the arguments, then trains with Adam and a cosine decay of ``lr`` to
     zero over all steps, shuffling with ``generator``, and calls ``evaluate()``
-    after every epoch. Returns the mean training loss of every epoch and the
+    after every epoch (and ``on_iteration_start(model, progress)``, when given,
+    before every step). Returns the mean training loss of every epoch and the
     seconds spent.
     """
     check_positive_int(epochs, "epochs", owner=owner)
@@ -989,17 +998,21 @@ def _fit(
             f"{owner} expected data to be a {data_type.__name__}, got "
             f"{type(data).__name__}"
         )
+    if on_iteration_start is not None and not callable(on_iteration_start):
+        raise TypeError(f"{owner} expected on_iteration_start to be callable or None")
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     n = data.train_x.shape[0]
     steps = math.ceil(n / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps)
     losses = []
     start = time.perf_counter()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         model.train()
         order = torch.randperm(n, generator=generator).to(data.train_x.device)
         total = data.train_x.new_zeros((), dtype=torch.float64)
         for i in range(steps):
+            if on_iteration_start is not None:
+                on_iteration_start(model, epoch + i / steps)
             idx = order[i * batch_size : (i + 1) * batch_size]
             loss = loss_fn(model(data.train_x[idx]), data.train_y[idx])
             optimizer.zero_grad(set_to_none=True)

@@ -29,6 +29,22 @@ __all__ = [
     "draw_ddf_diagram",
     "plot_frequency_partition",
     "draw_fdconv_diagram",
+    # --- chapter 1: arithmetic
+    #
+    #
+    # --- chapter 2: CondConv
+    #
+    #
+    # --- chapter 3: attention over kernels
+    #
+    #
+    # --- chapter 4: ODConv
+    #
+    #
+    # --- chapter 6: deformable convolution
+    #
+    #
+    # --- chapter 8: side by side
 ]
 
 
@@ -83,6 +99,8 @@ COLORS = {
     "kernel": "#f28e2b",
     "output": "#a1d99b",
     "current": "#31a354",
+    "static": "#7f7f7f",
+    "dynamic": "#4e79a7",
 }
 """One colour per role, shared by every geometric figure of the book."""
 
@@ -778,3 +796,39 @@ def draw_fdconv_diagram():
         _diagram_arrow(ax, start, end)
     ax.set_title("FDConv: frequency-disjoint kernels, modulated per sample and band")
     return fig
+
+
+# === chapter 1: arithmetic diagrams ==================================================
+
+
+# (end of chapter 1 diagrams)
+
+
+# === chapter 2: CondConv diagrams ====================================================
+
+
+# (end of chapter 2 diagrams)
+
+
+# === chapter 3: attention-over-kernels diagrams ======================================
+
+
+# (end of chapter 3 diagrams)
+
+
+# === chapter 4: ODConv diagrams ======================================================
+
+
+# (end of chapter 4 diagrams)
+
+
+# === chapter 6: deformable-convolution diagrams ======================================
+
+
+# (end of chapter 6 diagrams)
+
+
+# === chapter 8: side-by-side figures =================================================
+
+
+# (end of chapter 8 figures)

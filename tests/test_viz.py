@@ -216,3 +216,39 @@ def test_frequency_partition_plot_one_colour_per_group():
 def test_frequency_partition_plot_errors(partition, message):
     with pytest.raises(ValueError, match=r"^plot_frequency_partition " + message):
         viz.plot_frequency_partition(partition)
+
+
+# === chapter 1: arithmetic diagrams ==================================================
+
+
+# (end of chapter 1 diagram tests)
+
+
+# === chapter 2: CondConv diagrams ====================================================
+
+
+# (end of chapter 2 diagram tests)
+
+
+# === chapter 3: attention-over-kernels diagrams ======================================
+
+
+# (end of chapter 3 diagram tests)
+
+
+# === chapter 4: ODConv diagrams ======================================================
+
+
+# (end of chapter 4 diagram tests)
+
+
+# === chapter 6: deformable-convolution diagrams ======================================
+
+
+# (end of chapter 6 diagram tests)
+
+
+# === chapter 8: side-by-side figures =================================================
+
+
+# (end of chapter 8 figure tests)
