@@ -42,6 +42,9 @@ __all__ = [
     #
     #
     # --- chapter 6: deformable convolution
+    "DEFORMABLE_GRID_KINDS",
+    "deformable_offsets",
+    "plot_deformable_grids",
     #
     #
     # --- chapter 8: side by side
@@ -823,6 +826,206 @@ def draw_fdconv_diagram():
 
 
 # === chapter 6: deformable-convolution diagrams ======================================
+
+
+#: The kinds of sampling grid :func:`deformable_offsets` knows, in panel order.
+DEFORMABLE_GRID_KINDS = ("regular", "dilated", "scaled", "rotated", "learned")
+
+
+def deformable_offsets(
+    kind: str,
+    *,
+    kernel_size: int = 3,
+    dilation: float = 2.0,
+    scale: float = 1.6,
+    angle: float = 30.0,
+    offsets=None,
+):
+    r"""The offsets :math:`\Delta p_t` that turn a regular grid into another one.
+
+    For a ``k x k`` kernel the regular tap offsets :math:`p_t` (rows first, taps in
+    row-major order, centred on the output location :math:`p_0`) are moved to
+    :math:`p_t + \Delta p_t`. The special cases of the DCNv1 paper's Figure 1
+    (Dai et al., ICCV 2017) are fixed offsets: ``"dilated"``
+    (:math:`\Delta p_t=(d-1)\,p_t`), ``"scaled"`` (:math:`(s-1)\,p_t`, a
+    non-integer dilation) and ``"rotated"`` (:math:`R_\theta p_t - p_t`, turned
+    anticlockwise on the page by ``angle`` degrees); ``"learned"`` returns
+    ``offsets``, arbitrary ones such as a trained layer predicts. Chapter 6.
+
+    Args:
+        kind: one of :data:`DEFORMABLE_GRID_KINDS`.
+        kernel_size: ``k``, an odd number of taps per side.
+        dilation, scale: the factors of ``"dilated"`` and ``"scaled"`` (> 0).
+        angle: the rotation of ``"rotated"``, in degrees.
+        offsets: ``Tensor[k*k, 2]`` of ``(dy, dx)`` for ``"learned"``.
+
+    Returns:
+        ``(taps, delta)``: two ``Tensor[k*k, 2]`` (float64) of ``(row, column)``
+        pairs, :math:`p_t` and :math:`\Delta p_t`. ``delta`` is in the order of
+        ``torchvision.ops.deform_conv2d``'s offset channels: ``delta.flatten()``
+        is one offset group's ``2*k*k`` channels.
+
+    Raises:
+        ValueError: an unknown ``kind``, an even or non-positive ``kernel_size``,
+            a non-positive factor, or ``offsets`` missing or of the wrong shape.
+    """
+    import math
+
+    import torch
+
+    owner = "deformable_offsets"
+    if kind not in DEFORMABLE_GRID_KINDS:
+        raise ValueError(
+            f"{owner} expected kind in {DEFORMABLE_GRID_KINDS}, got {kind!r}"
+        )
+    if (
+        isinstance(kernel_size, bool)
+        or not isinstance(kernel_size, int)
+        or kernel_size < 1
+        or kernel_size % 2 == 0
+    ):
+        raise ValueError(
+            f"{owner} expected an odd positive int kernel_size, got {kernel_size!r}"
+        )
+    for name, value in (("dilation", dilation), ("scale", scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{owner} expected {name} > 0, got {value!r}")
+    half = (kernel_size - 1) // 2
+    steps = torch.arange(-half, half + 1, dtype=torch.float64)
+    rows, cols = torch.meshgrid(steps, steps, indexing="ij")
+    taps = torch.stack([rows.flatten(), cols.flatten()], dim=1)
+    if kind == "regular":
+        return taps, torch.zeros_like(taps)
+    if kind == "dilated":
+        return taps, (dilation - 1) * taps
+    if kind == "scaled":
+        return taps, (scale - 1) * taps
+    if kind == "rotated":
+        theta = math.radians(angle)
+        c, s = math.cos(theta), math.sin(theta)
+        # rows grow downwards, so an anticlockwise turn on the page is
+        # (row, col) -> (c*row - s*col, s*row + c*col)
+        turned = torch.stack(
+            [c * taps[:, 0] - s * taps[:, 1], s * taps[:, 0] + c * taps[:, 1]], dim=1
+        )
+        return taps, turned - taps
+    if offsets is None:
+        raise ValueError(f"{owner} expected offsets for kind='learned', got None")
+    delta = torch.as_tensor(offsets, dtype=torch.float64).cpu()
+    if delta.shape != taps.shape:
+        raise ValueError(
+            f"{owner} expected offsets of shape {tuple(taps.shape)}, got "
+            f"{tuple(delta.shape)}"
+        )
+    return taps, delta.clone()
+
+
+def plot_deformable_grids(
+    *,
+    kernel_size: int = 3,
+    dilation: float = 2.0,
+    scale: float = 1.6,
+    angle: float = 30.0,
+    offsets=None,
+    seed: int = 0,
+):
+    r"""Five sampling grids of a ``k x k`` kernel on a pixel grid, one per panel.
+
+    After Figure 1 of the DCNv1 paper (Dai et al., ICCV 2017), drawn from
+    :func:`deformable_offsets`: (a) the regular grid :math:`p_0 + p_t`, then the
+    grids that fixed offsets give, (b) dilated, (c) scaled and (d) rotated, and
+    (e) a learned grid, arbitrary offsets :math:`\Delta p_t`. Each panel shows the
+    pixels (light squares), the output location :math:`p_0`, the regular taps
+    (grey) and, for (b) to (e), each sampling point :math:`p_0+p_t+\Delta p_t`
+    with an arrow from its regular tap. The sixth cell holds the legend. Chapter 6.
+
+    Args:
+        kernel_size, dilation, scale, angle: as in :func:`deformable_offsets`.
+        offsets: ``Tensor[k*k, 2]`` for panel (e); by default Gaussian offsets of
+            standard deviation 0.7 drawn from a generator seeded with ``seed``.
+        seed: the seed of the default offsets.
+
+    Returns:
+        The ``matplotlib.figure.Figure`` (6.3 inches wide, three rows of two).
+
+    Raises:
+        ValueError: bad arguments (see :func:`deformable_offsets`).
+    """
+    import matplotlib.pyplot as plt
+    import torch
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import FancyArrow, Rectangle
+
+    if offsets is None:
+        generator = torch.Generator().manual_seed(seed)
+        offsets = 0.7 * torch.randn(
+            kernel_size * kernel_size, 2, generator=generator, dtype=torch.float64
+        )
+    settings = {"dilation": dilation, "scale": scale, "angle": angle}
+    grids = {
+        kind: deformable_offsets(
+            kind, kernel_size=kernel_size, offsets=offsets, **settings
+        )
+        for kind in DEFORMABLE_GRID_KINDS
+    }
+    titles = {
+        "regular": "(a) regular",
+        "dilated": f"(b) dilated, d = {dilation:g}",
+        "scaled": f"(c) scaled by {scale:g}",
+        "rotated": f"(d) rotated by {angle:g}°",
+        "learned": "(e) learned: arbitrary offsets",
+    }
+    reach = max(float((taps + delta).abs().max()) for taps, delta in grids.values())
+    half = int(reach) + 1
+    fig, axes = plt.subplots(3, 2, figsize=(6.3, 8.6))
+    for ax, kind in zip(axes.flat, DEFORMABLE_GRID_KINDS):
+        taps, delta = grids[kind]
+        for r in range(-half, half + 1):
+            for c in range(-half, half + 1):
+                ax.add_patch(
+                    Rectangle(
+                        (c - 0.5, r - 0.5), 1, 1, facecolor=COLORS["input"],
+                        edgecolor="white", lw=1.0, alpha=0.45,
+                    )
+                )  # fmt: skip
+        ax.plot(taps[:, 1], taps[:, 0], "o", ms=7, color=COLORS["static"], zorder=3)
+        points = taps + delta
+        if kind != "regular":
+            for (r, c), (dr, dc) in zip(taps.tolist(), delta.tolist()):
+                if dr * dr + dc * dc > 1e-6:
+                    ax.add_patch(
+                        FancyArrow(
+                            c, r, dc, dr, width=0.02, head_width=0.16,
+                            length_includes_head=True, color="0.35", zorder=4,
+                        )
+                    )  # fmt: skip
+            ax.plot(
+                points[:, 1], points[:, 0], "o", ms=7, color=COLORS["kernel"],
+                markeredgecolor="black", zorder=5,
+            )  # fmt: skip
+        ax.plot(0, 0, "X", ms=9, color=COLORS["current"], zorder=6)
+        ax.set_xlim(-half - 0.5, half + 0.5)
+        ax.set_ylim(half + 0.5, -half - 0.5)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(titles[kind])
+    legend_ax = axes.flat[len(DEFORMABLE_GRID_KINDS)]
+    legend_ax.axis("off")
+    handles = [
+        Line2D([], [], ls="", marker="s", ms=10, color=COLORS["input"], label="pixel"),
+        Line2D([], [], ls="", marker="X", ms=9, color=COLORS["current"],
+               label="output location $p_0$"),
+        Line2D([], [], ls="", marker="o", ms=7, color=COLORS["static"],
+               label="regular tap $p_0+p_t$"),
+        Line2D([], [], ls="", marker="o", ms=7, color=COLORS["kernel"],
+               markeredgecolor="black",
+               label="sampling point\n$p_0+p_t+\\Delta p_t$"),
+        Line2D([], [], color="0.35", label="offset $\\Delta p_t$"),
+    ]  # fmt: skip
+    legend_ax.legend(handles=handles, loc="center", fontsize=10, labelspacing=1.1)
+    fig.suptitle(f"Sampling grids of a {kernel_size}×{kernel_size} kernel")
+    return fig
 
 
 # (end of chapter 6 diagrams)

@@ -245,6 +245,98 @@ def test_frequency_partition_plot_errors(partition, message):
 # === chapter 6: deformable-convolution diagrams ======================================
 
 
+def test_deformable_offsets_special_cases_are_the_papers_grids():
+    import math
+
+    taps, zero = viz.deformable_offsets("regular")
+    # row-major taps of a 3x3 kernel, rows first, centred on p_0
+    assert taps[:3].tolist() == [[-1, -1], [-1, 0], [-1, 1]]
+    assert taps[4].tolist() == [0, 0] and not zero.any()
+    _, delta = viz.deformable_offsets("dilated", dilation=3)
+    assert torch.equal(taps + delta, 3 * taps)
+    _, delta = viz.deformable_offsets("scaled", scale=1.5)
+    assert torch.allclose(taps + delta, 1.5 * taps)
+    _, delta = viz.deformable_offsets("rotated", angle=90.0)
+    turned = taps + delta
+    # lengths kept; the tap to the right of p_0 (0, 1) goes up the page (-1, 0)
+    assert torch.allclose(turned.norm(dim=1), taps.norm(dim=1))
+    assert torch.allclose(turned[5], torch.tensor([-1.0, 0.0], dtype=torch.float64))
+    _, delta = viz.deformable_offsets("rotated", angle=30.0)
+    cos = (taps * (taps + delta)).sum(1)[taps.norm(dim=1) > 0]
+    cos = cos / taps.norm(dim=1)[taps.norm(dim=1) > 0] ** 2
+    assert torch.allclose(cos, torch.full_like(cos, math.cos(math.radians(30))))
+    learned = torch.arange(18, dtype=torch.float64).view(9, 2) / 10
+    assert torch.equal(viz.deformable_offsets("learned", offsets=learned)[1], learned)
+    taps5, _ = viz.deformable_offsets("regular", kernel_size=5)
+    assert taps5.shape == (25, 2) and taps5.abs().max() == 2
+
+
+def test_deformable_offsets_are_torchvision_offsets():
+    # fed to deform_conv2d as one offset group, the offsets move every tap to the
+    # point the figure draws: on the image 100*row + col the sample of a tap is
+    # 100*row + col of its point (bilinear interpolation is exact on a plane)
+    from torchvision.ops import deform_conv2d
+
+    size, centre = 9, 4
+    rows, cols = torch.meshgrid(
+        torch.arange(size, dtype=torch.float64),
+        torch.arange(size, dtype=torch.float64),
+        indexing="ij",
+    )
+    image = (100 * rows + cols)[None, None]
+    weight = torch.eye(9, dtype=torch.float64).view(9, 1, 3, 3)
+    for kind in viz.DEFORMABLE_GRID_KINDS:
+        offsets = torch.tensor([[0.3, -0.4]] * 9, dtype=torch.float64)
+        taps, delta = viz.deformable_offsets(kind, offsets=offsets)
+        offset = delta.flatten().view(1, 18, 1, 1).expand(1, 18, size, size)
+        out = deform_conv2d(image, offset.contiguous(), weight, padding=1)
+        points = taps + delta + centre
+        expected = 100 * points[:, 0] + points[:, 1]
+        assert torch.allclose(out[0, :, centre, centre], expected), kind
+
+
+def test_plot_deformable_grids_draws_five_labelled_panels():
+    fig = viz.plot_deformable_grids(dilation=2, scale=1.6, angle=30)
+    assert fig.get_size_inches()[0] <= 6.3
+    titles = [ax.get_title() for ax in fig.axes[:5]]
+    assert titles == [
+        "(a) regular",
+        "(b) dilated, d = 2",
+        "(c) scaled by 1.6",
+        "(d) rotated by 30°",
+        "(e) learned: arbitrary offsets",
+    ]
+    legend = fig.axes[5].get_legend()
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[1] == "output location $p_0$" and labels[-1] == "offset $\\Delta p_t$"
+    # the regular panel draws no arrows; every other one draws one per moved tap
+    arrows = [sum(type(p).__name__ == "FancyArrow" for p in ax.patches)
+              for ax in fig.axes[:5]]  # fmt: skip
+    assert arrows[0] == 0 and arrows[1] == 8 and arrows[4] == 9
+    assert "3×3" in fig._suptitle.get_text()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"kind": "sheared"}, r"expected kind in"),
+        ({"kind": "regular", "kernel_size": 4}, r"expected an odd positive int"),
+        ({"kind": "regular", "kernel_size": True}, r"expected an odd positive int"),
+        ({"kind": "dilated", "dilation": 0}, r"expected dilation > 0"),
+        ({"kind": "scaled", "scale": -1.0}, r"expected scale > 0"),
+        ({"kind": "learned"}, r"expected offsets for kind='learned'"),
+        (
+            {"kind": "learned", "offsets": torch.zeros(9, 3)},
+            r"expected offsets of shape \(9, 2\), got \(9, 3\)",
+        ),
+    ],
+)
+def test_deformable_offsets_errors(kwargs, message):
+    kind = kwargs.pop("kind")
+    with pytest.raises(ValueError, match=r"^deformable_offsets " + message):
+        viz.deformable_offsets(kind, **kwargs)
+
+
 # (end of chapter 6 diagram tests)
 
 
