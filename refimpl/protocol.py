@@ -235,6 +235,8 @@ class ArmResult:
         seconds_per_epoch: mean wall-clock seconds per training epoch (machine
             dependent).
         metric: the name of the score.
+        models: the trained networks, one per seed, when :func:`run_protocol`
+            was asked to keep them (``keep_models=True``); empty otherwise.
     """
 
     name: str
@@ -243,6 +245,7 @@ class ArmResult:
     scores: list[float]
     seconds_per_epoch: float
     metric: str
+    models: list[nn.Module] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def mean(self) -> float:
@@ -371,6 +374,7 @@ def run_protocol(
     *,
     device: torch.device | str | None = None,
     threads: int | None = 1,
+    keep_models: bool = False,
 ) -> list[ArmResult]:
     """Train every arm once per seed on ``task`` and collect the scores.
 
@@ -386,6 +390,8 @@ def run_protocol(
         device: where to train; the device of ``task.example`` by default.
         threads: CPU threads during training (tiny networks run faster on one;
             ``None`` keeps the current setting). Restored afterwards.
+        keep_models: keep every trained network in :attr:`ArmResult.models`
+            (to look inside them afterwards); by default they are dropped.
 
     Returns:
         One :class:`ArmResult` per arm, in the order of ``arms``.
@@ -423,6 +429,8 @@ def run_protocol(
                 start = time.perf_counter()
                 result.scores.append(task.fit(model, generator, arm.hook))
                 seconds += time.perf_counter() - start
+                if keep_models:
+                    result.models.append(model)
             result.seconds_per_epoch = seconds / (len(seeds) * task.epochs)
             results.append(result)
     finally:

@@ -30,6 +30,7 @@ from refimpl.toy import (
     TinyCNN,
     TinyDenoiser,
     TinySegmenter,
+    evaluate,
     make_frequency_segmentation,
     make_oriented_textures,
     make_patchwork_denoising,
@@ -138,6 +139,7 @@ def test_run_protocol_is_reproducible_and_reports_every_seed():
         assert all(0 <= s <= 1 for s in a.scores)
         assert a.params == count_params(arms[first.index(a)].build())
         assert a.seconds_per_epoch > 0
+        assert a.models == []  # not kept unless asked
 
 
 def test_run_protocol_calls_the_hook_before_every_step():
@@ -149,7 +151,11 @@ def test_run_protocol_calls_the_hook_before_every_step():
         set_temperature(model, 1.0)
 
     arm = Arm("dy", lambda: TinyCNN(DynamicConv2d, num_classes=4, width=4), hook)
-    run_protocol([arm], task, seeds=(0,))
+    (result,) = run_protocol([arm], task, seeds=(0,), keep_models=True)
+    (model,) = result.models
+    # the kept network is the trained one: it scores what the protocol recorded
+    accuracy = evaluate(model, task.data.test_x, task.data.test_y)
+    assert accuracy == result.scores[0]
     # 48 images in batches of 16: three steps per epoch
     assert progress == pytest.approx([0, 1 / 3, 2 / 3, 1, 4 / 3, 5 / 3])
 
