@@ -281,6 +281,11 @@ def count_macs(
     algorithm (mix, then one convolution), so by default every module with an
     ``algorithm`` attribute is counted with ``algorithm="grouped"``; pass
     ``algorithm=None`` to count what the layers would run.
+
+    DDF's filtering is elementwise work the counter does not see, but it is the
+    layer's convolution: one multiply-add per tap, channel and output pixel, as a
+    depthwise convolution (chapter 5), which is added for every
+    :class:`refimpl.ddf.DDFConv2d` (as :mod:`refimpl.bench` does).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -290,8 +295,21 @@ def count_macs(
         raise TypeError(
             f"count_macs expected example to be a Tensor, got {type(example).__name__}"
         )
+    from .ddf import DDFConv2d  # imported here: chapter 5 builds on this module
+
     was_training = model.training
     banks = [m for m in model.modules() if hasattr(m, "algorithm")]
+    taps = [0]
+
+    def count_taps(module, inputs, output):
+        # output: Tensor[N, C, H_out, W_out]; one multiply-add per tap and element
+        taps[0] += output.numel() * module.kernel_size[0] * module.kernel_size[1]
+
+    hooks = [
+        m.register_forward_hook(count_taps)
+        for m in model.modules()
+        if isinstance(m, DDFConv2d)
+    ]
     chosen = [m.algorithm for m in banks]
     model.eval()
     counter = FlopCounterMode(display=False)
@@ -305,7 +323,9 @@ def count_macs(
         model.train(was_training)
         for m, a in zip(banks, chosen):
             m.algorithm = a
-    return counter.get_total_flops() // 2
+        for hook in hooks:
+            hook.remove()
+    return counter.get_total_flops() // 2 + taps[0]
 
 
 def match_width(

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from refimpl.condconv import CondConv2d
+from refimpl.ddf import DDFConv2d
 from refimpl.dynamic_conv import DynamicConv2d, set_temperature
 from refimpl.protocol import (
     HARD_TEXTURES,
@@ -77,6 +78,17 @@ def test_count_macs_counts_kernel_mixing_and_restores_the_algorithm():
     layer.train()
     count_macs(layer, x)
     assert layer.training
+
+
+def test_count_macs_counts_ddf_filtering_as_a_depthwise_convolution():
+    layer = DDFConv2d(8, 3)  # hidden width of the channel branch: floor(0.2 * 8) = 1
+    x = torch.randn(2, 8, 6, 6)
+    depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+    assert count_macs(depthwise, x) == 2 * 8 * 9 * 36
+    spatial_branch = 8 * 9 * 36  # 1x1 convolution to k^2 filter taps per pixel
+    channel_branch = 8 * 1 + 1 * 8 * 9  # two linear layers per sample
+    filtering = 8 * 9 * 36  # as a depthwise convolution
+    assert count_macs(layer, x) == 2 * (spatial_branch + channel_branch + filtering)
 
 
 def test_count_macs_leaves_batchnorm_statistics_alone():
