@@ -235,6 +235,8 @@ class ArmResult:
         seconds_per_epoch: mean wall-clock seconds per training epoch (machine
             dependent).
         metric: the name of the score.
+        models: the trained networks, one per seed, when :func:`run_protocol`
+            was asked to keep them (``keep_models=True``); empty otherwise.
     """
 
     name: str
@@ -243,6 +245,7 @@ class ArmResult:
     scores: list[float]
     seconds_per_epoch: float
     metric: str
+    models: list[nn.Module] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def mean(self) -> float:
@@ -278,6 +281,11 @@ def count_macs(
     algorithm (mix, then one convolution), so by default every module with an
     ``algorithm`` attribute is counted with ``algorithm="grouped"``; pass
     ``algorithm=None`` to count what the layers would run.
+
+    DDF's filtering is elementwise work the counter does not see, but it is the
+    layer's convolution: one multiply-add per tap, channel and output pixel, as a
+    depthwise convolution (chapter 5), which is added for every
+    :class:`refimpl.ddf.DDFConv2d` (as :mod:`refimpl.bench` does).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -287,8 +295,21 @@ def count_macs(
         raise TypeError(
             f"count_macs expected example to be a Tensor, got {type(example).__name__}"
         )
+    from .ddf import DDFConv2d  # imported here: chapter 5 builds on this module
+
     was_training = model.training
     banks = [m for m in model.modules() if hasattr(m, "algorithm")]
+    taps = [0]
+
+    def count_taps(module, inputs, output):
+        # output: Tensor[N, C, H_out, W_out]; one multiply-add per tap and element
+        taps[0] += output.numel() * module.kernel_size[0] * module.kernel_size[1]
+
+    hooks = [
+        m.register_forward_hook(count_taps)
+        for m in model.modules()
+        if isinstance(m, DDFConv2d)
+    ]
     chosen = [m.algorithm for m in banks]
     model.eval()
     counter = FlopCounterMode(display=False)
@@ -302,7 +323,9 @@ def count_macs(
         model.train(was_training)
         for m, a in zip(banks, chosen):
             m.algorithm = a
-    return counter.get_total_flops() // 2
+        for hook in hooks:
+            hook.remove()
+    return counter.get_total_flops() // 2 + taps[0]
 
 
 def match_width(
@@ -371,6 +394,7 @@ def run_protocol(
     *,
     device: torch.device | str | None = None,
     threads: int | None = 1,
+    keep_models: bool = False,
 ) -> list[ArmResult]:
     """Train every arm once per seed on ``task`` and collect the scores.
 
@@ -386,6 +410,8 @@ def run_protocol(
         device: where to train; the device of ``task.example`` by default.
         threads: CPU threads during training (tiny networks run faster on one;
             ``None`` keeps the current setting). Restored afterwards.
+        keep_models: keep every trained network in :attr:`ArmResult.models`
+            (to look inside them afterwards); by default they are dropped.
 
     Returns:
         One :class:`ArmResult` per arm, in the order of ``arms``.
@@ -423,6 +449,8 @@ def run_protocol(
                 start = time.perf_counter()
                 result.scores.append(task.fit(model, generator, arm.hook))
                 seconds += time.perf_counter() - start
+                if keep_models:
+                    result.models.append(model)
             result.seconds_per_epoch = seconds / (len(seeds) * task.epochs)
             results.append(result)
     finally:
