@@ -109,8 +109,10 @@ class Task:
     Attributes:
         kind: ``"textures"``, ``"denoising"`` or ``"segmentation"``.
         data: the task's data set (a :mod:`refimpl.toy` data class).
-        epochs, lr, batch_size: the training protocol (Adam, cosine decay of
-            ``lr`` to zero, shuffling by the seed's generator).
+        epochs: passes over the training set.
+        lr: the initial Adam learning rate, decayed to zero along a cosine.
+        batch_size: samples per step (batches are shuffled by the seed's
+            generator).
     """
 
     kind: str
@@ -149,7 +151,8 @@ class Task:
 
     @property
     def num_outputs(self) -> int:
-        """Classes, or image channels for denoising: what a network must output."""
+        """The number of classes (image channels for denoising) a network
+        must output."""
         if self.kind == "denoising":
             return self.data.test_y.shape[1]
         return self.data.num_classes
