@@ -935,7 +935,7 @@ def draw_transposed_convolution(
         (h / 2, f"input\n{h}x{h}"),
         (
             x_mid + big / 2,
-            f"stretched and padded, {big}x{big}:\n{s - 1} zero(s) between pixels,\n"
+            f"stretched and padded, {big}x{big}:\ns-1={s - 1} zero(s) between pixels,\n"
             f"k-p-1={pad} pad, output_padding={a}",
         ),
         (x_out + h_out / 2, f"output\n{h_out}x{h_out}"),

@@ -234,6 +234,7 @@ def test_transposed_convolution_diagram_counts_cells(h, k, s, p, a):
     texts = [t.get_text() for t in ax.texts]
     assert f"input\n{h}x{h}" in texts and f"output\n{h_out}x{h_out}" in texts
     assert any(f"k-p-1={k - p - 1} pad" in t for t in texts)
+    assert any(f"s-1={s - 1} zero(s) between pixels" in t for t in texts)
     big = h_out + k - 1  # a stride-1 convolution with kernel k gives h_out
     faces = [patch.get_facecolor() for patch in ax.patches]
     white = matplotlib.colors.to_rgba("white")
