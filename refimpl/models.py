@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ._conv import check_convertible, init_like_conv2d, spread_kernel
 from ._validation import check_bool, check_positive_int
@@ -750,11 +752,37 @@ def _condconv_blocks(
         container[index] = block
 
 
+def _check_condconv_options(
+    owner,
+    num_kernels,
+    num_classes,
+    shared_routing,
+    classifier,
+    classifier_bias,
+    preserve,
+) -> None:
+    check_positive_int(num_kernels, "num_kernels", owner=owner)
+    check_positive_int(num_classes, "num_classes", owner=owner)
+    for flag, name in (
+        (shared_routing, "shared_routing"),
+        (classifier, "classifier"),
+        (classifier_bias, "classifier_bias"),
+        (preserve, "preserve"),
+    ):
+        check_bool(flag, name, owner=owner)
+    if preserve and classifier and not classifier_bias:
+        raise ValueError(
+            f"{owner} cannot preserve torchvision's classifier (it has a bias) "
+            f"with classifier_bias=False: pass classifier_bias=True or preserve=False"
+        )
+
+
 def condconv_resnet(
     depth: int = 50,
     num_kernels: int = 8,
     *,
     shared_routing: bool = True,
+    classifier: bool = True,
     classifier_bias: bool = False,
     num_classes: int = 1000,
     preserve: bool = False,
@@ -790,11 +818,16 @@ def condconv_resnet(
         depth: 18 or 50.
         num_kernels: experts per layer (8 for "CondConv (8x)").
         shared_routing: one routing per block (``True``) or per layer.
+        classifier: replace the classifier by a :class:`CondConvLinear`
+            (``False``: keep torchvision's; the "+90.0M" the FDConv README gives
+            for the ResNet-50 detection backbone, which has no classifier).
         classifier_bias: give the classifier's experts a bias.
         num_classes: size of the classifier.
-        preserve: convert function-preservingly (:meth:`refimpl.CondConv2d.from_conv2d`;
+        preserve: convert function-preservingly
+            (:meth:`refimpl.CondConv2d.from_conv2d`;
             the converted network computes torchvision's freshly initialised one);
-            needs ``classifier_bias=True``, since torchvision's ``fc`` has a bias.
+            with the CondConv classifier it needs ``classifier_bias=True``, since
+            torchvision's ``fc`` has a bias.
             ``False`` (the default) trains from scratch, as the papers do.
 
     Returns:
@@ -803,29 +836,27 @@ def condconv_resnet(
 
     Raises:
         ValueError: a depth other than 18 or 50, ``num_kernels`` or
-            ``num_classes`` below 1, ``preserve=True`` without ``classifier_bias``.
+            ``num_classes`` below 1, ``preserve=True`` with the CondConv
+            classifier and without ``classifier_bias``.
     """
     owner = "condconv_resnet"
     depth = _check_depth(depth, (18, 50), owner)
-    check_positive_int(num_kernels, "num_kernels", owner=owner)
-    check_positive_int(num_classes, "num_classes", owner=owner)
-    for flag, name in (
-        (shared_routing, "shared_routing"),
-        (classifier_bias, "classifier_bias"),
-        (preserve, "preserve"),
-    ):
-        check_bool(flag, name, owner=owner)
-    if preserve and not classifier_bias:
-        raise ValueError(
-            f"{owner} cannot preserve torchvision's classifier (it has a bias) "
-            f"with classifier_bias=False: pass classifier_bias=True or preserve=False"
-        )
+    _check_condconv_options(
+        owner,
+        num_kernels,
+        num_classes,
+        shared_routing,
+        classifier,
+        classifier_bias,
+        preserve,
+    )
     model = _torchvision_resnet(depth, num_classes)
     targets = _resnet_blocks(model)[-3:]
     _condconv_blocks(model, targets, num_kernels, shared_routing, preserve)
-    model.fc = CondConvLinear.from_linear(
-        model.fc, preserve=preserve, bias=classifier_bias, num_kernels=num_kernels
-    )
+    if classifier:
+        model.fc = CondConvLinear.from_linear(
+            model.fc, preserve=preserve, bias=classifier_bias, num_kernels=num_kernels
+        )
     return model
 
 
@@ -833,6 +864,7 @@ def condconv_mobilenet_v2(
     num_kernels: int = 8,
     *,
     shared_routing: bool = True,
+    classifier: bool = True,
     classifier_bias: bool = False,
     width_mult: float = 1.0,
     num_classes: int = 1000,
@@ -859,8 +891,8 @@ def condconv_mobilenet_v2(
 
     Args:
         num_kernels: experts per layer.
-        shared_routing, classifier_bias, num_classes, preserve: as in
-            :func:`condconv_resnet`.
+        shared_routing, classifier, classifier_bias, num_classes, preserve: as
+            in :func:`condconv_resnet`.
         width_mult: torchvision's width multiplier (the published count is 1.0).
 
     Returns:
@@ -868,31 +900,28 @@ def condconv_mobilenet_v2(
 
     Raises:
         ValueError: bad ``num_kernels`` / ``num_classes``, ``preserve=True``
-            without ``classifier_bias``.
+            with the CondConv classifier and without ``classifier_bias``.
     """
     owner = "condconv_mobilenet_v2"
-    check_positive_int(num_kernels, "num_kernels", owner=owner)
-    check_positive_int(num_classes, "num_classes", owner=owner)
-    for flag, name in (
-        (shared_routing, "shared_routing"),
-        (classifier_bias, "classifier_bias"),
-        (preserve, "preserve"),
-    ):
-        check_bool(flag, name, owner=owner)
-    if preserve and not classifier_bias:
-        raise ValueError(
-            f"{owner} cannot preserve torchvision's classifier (it has a bias) "
-            f"with classifier_bias=False: pass classifier_bias=True or preserve=False"
-        )
+    _check_condconv_options(
+        owner,
+        num_kernels,
+        num_classes,
+        shared_routing,
+        classifier,
+        classifier_bias,
+        preserve,
+    )
     model = _torchvision_mobilenet_v2(width_mult, num_classes)
     targets = [(model.features, i) for i in range(12, 18)]
     _condconv_blocks(model, targets, num_kernels, shared_routing, preserve)
-    model.classifier[1] = CondConvLinear.from_linear(
-        model.classifier[1],
-        preserve=preserve,
-        bias=classifier_bias,
-        num_kernels=num_kernels,
-    )
+    if classifier:
+        model.classifier[1] = CondConvLinear.from_linear(
+            model.classifier[1],
+            preserve=preserve,
+            bias=classifier_bias,
+            num_kernels=num_kernels,
+        )
     return model
 
 
@@ -1295,6 +1324,7 @@ _KW_PAPER = (
     "KernelWarehouse paper (Li, Yao, ICML 2024), comparison table; second-hand, not "
     "checked against the paper's text"
 )
+_FDCONV_README = "README of Linwei-Chen/FDConv"
 _CONDCONV_RECIPE = (
     "8 experts in every conv of the final {blocks} (shortcut static), one routing "
     "per block (GAP, Linear with bias, sigmoid), classifier a bias-free 8-expert "
@@ -1369,6 +1399,8 @@ def _row(key, method, network, millions, source, recipe, builder, decimals=2, **
 #: for DDF and FDConv). Figures marked "second-hand" come from later papers'
 #: comparison tables as the project's reference sheet records them and were not
 #: checked against the papers' text.
+#:
+#: :meta hide-value:
 PUBLISHED_COUNTS: tuple[PublishedCount, ...] = (
     _row(
         "resnet50",
@@ -1389,13 +1421,30 @@ PUBLISHED_COUNTS: tuple[PublishedCount, ...] = (
         "torchvision.models.resnet18",
     ),
     _row(
-        "mobilenet_v2",
+        "resnet101",
         "baseline",
-        "MobileNetV2 1.0",
-        3.50,
+        "ResNet-101",
+        44.55,
         _ODCONV_README,
-        "torchvision's MobileNetV2",
-        "torchvision.models.mobilenet_v2",
+        "torchvision's ResNet-101",
+        "torchvision.models.resnet101",
+    ),
+    *(
+        _row(
+            "mobilenet_v2" + suffix,
+            "baseline",
+            f"MobileNetV2 {width}",
+            millions,
+            _ODCONV_README,
+            "torchvision's MobileNetV2",
+            "torchvision.models.mobilenet_v2",
+            **({} if width == "1.0" else {"width_mult": float(width)}),
+        )
+        for suffix, width, millions in (
+            ("", "1.0", 3.50),
+            ("-0.75", "0.75", 2.64),
+            ("-0.5", "0.5", 1.97),
+        )
     ),
     _row(
         "condconv8x-resnet50",
@@ -1564,6 +1613,24 @@ PUBLISHED_COUNTS: tuple[PublishedCount, ...] = (
                 "odconv_mobilenet_v2",
                 {},
             ),
+            *(
+                (
+                    n,
+                    f"mobilenet_v2-{width}",
+                    f"MobileNetV2 {width}",
+                    millions,
+                    "the 51 convs after the first",
+                    "od_mobilenetv2.py",
+                    "odconv_mobilenet_v2",
+                    {"width_mult": width},
+                )
+                for width, n, millions in (
+                    (0.75, 1, 3.51),
+                    (0.75, 4, 7.50),
+                    (0.5, 1, 2.43),
+                    (0.5, 4, 4.44),
+                )
+            ),
         )
     ),
     *(
@@ -1581,12 +1648,52 @@ PUBLISHED_COUNTS: tuple[PublishedCount, ...] = (
         )
         for depth, millions in ((50, 16.8), (101, 28.1))
     ),
+    *(
+        _row(
+            f"{key}-resnet50-backbone",
+            method,
+            "ResNet-50, parameters added",
+            millions,
+            _FDCONV_README + "; COCO detection table (the backbone has no classifier)",
+            recipe,
+            builder,
+            decimals=1,
+            extra=True,
+            **args,
+        )
+        for key, method, millions, recipe, builder, args in (
+            (
+                "condconv8x",
+                "CondConv (8x)",
+                90.0,
+                "the CondConv ResNet-50 above, classifier static (layer4 only)",
+                "condconv_resnet",
+                {"depth": 50, "num_kernels": 8, "classifier": False},
+            ),
+            (
+                "dyconv4x",
+                "DY-Conv (4x)",
+                75.3,
+                "the DY-Conv ResNet-50 above (75.3M with or without the BatchNorm)",
+                "dynamic_conv_resnet",
+                {"depth": 50, "num_kernels": 4, "attention_norm": "batch"},
+            ),
+            (
+                "odconv4x",
+                "ODConv (4x)",
+                65.1,
+                "the ODConv (4x) ResNet-50 above",
+                "odconv_resnet",
+                {"depth": 50, "num_kernels": 4},
+            ),
+        )
+    ),
     _row(
         "fdconv-resnet50",
         "FDConv",
         "ResNet-50, parameters added",
         3.6,
-        "README of Linwei-Chen/FDConv and the FDConv paper's abstract (CVPR 2025)",
+        _FDCONV_README + " and the FDConv paper's abstract (CVPR 2025)",
         "the 48 bottleneck convs FDConv with 64 frequency groups, FBM on the 3x3; "
         "official code (Linwei-Chen/FDConv, mmdet_custom/resnet.py)",
         "fdconv_resnet50",
@@ -1666,11 +1773,34 @@ def build_published(record: PublishedCount) -> nn.Module:
     return _builders()[record.builder](**dict(record.arguments))
 
 
+class _SkipRandomInitOnMeta(TorchFunctionMode):
+    """Make ``normal_`` and ``uniform_`` on ``meta`` tensors no-ops.
+
+    A ``meta`` tensor has no values, but PyTorch still runs the Python
+    decomposition of these random in-place fills (milliseconds each, thousands of
+    times in a ResNet-101 of ODConv layers); skipping them changes no shape and
+    makes counting about eight times faster.
+    """
+
+    _SKIPPED = frozenset((Tensor.normal_, Tensor.uniform_))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._SKIPPED and args and getattr(args[0], "is_meta", False):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def _shapes_only():
+    with torch.device("meta"), _SkipRandomInitOnMeta():
+        yield
+
+
 def published_parameters(record: PublishedCount) -> int:
     """The exact parameter count of ``record``'s network, built on the ``meta``
-    device; for an ``extra`` record, the parameters added to the plain ResNet of
-    the same depth."""
-    with torch.device("meta"):
+    device (shapes only: no memory, no initialisation); for an ``extra`` record,
+    the parameters added to the plain ResNet of the same depth."""
+    with _shapes_only():
         count = count_parameters(build_published(record))
         if record.extra:
             depth = dict(record.arguments).get("depth", 50)

@@ -41,6 +41,7 @@ from refimpl.models import (
     published_parameters,
     reproduce_published_counts,
 )
+from refimpl.models import _shapes_only as shapes_only
 from refimpl.odconv import ODConv2d
 
 from conftest import randn
@@ -406,6 +407,17 @@ def test_condconv_variants_are_counted_and_do_not_match_the_figure():
     biased = meta_count(lambda: condconv_resnet(50, classifier_bias=True))
     assert biased == expected_condconv(ref, blocks, 8, True, ref.fc, True)
     assert round(biased / 1e6, 2) == 129.87  # != 129.86: the classifier has no bias
+    # the detection backbone of the FDConv README: layer4 only, classifier static
+    with torch.device("meta"):
+        backbone = condconv_resnet(50, classifier=False)
+    assert type(backbone.fc) is nn.Linear
+    added = count_parameters(backbone) - count_parameters(ref)
+    assert added == sum(
+        7 * m.weight.numel()
+        for n, m in convs(ref)
+        if n.startswith("layer4.") and ".downsample." not in n
+    ) + sum(ref.get_submodule(b).conv1.in_channels * 8 + 8 for b in blocks)
+    assert round(added / 1e6, 1) == 90.0
     with torch.device("meta"):
         model = condconv_resnet(50, shared_routing=False)
     assert len(names_of(model, RoutedBlock)) == 0
@@ -460,21 +472,31 @@ def test_one_routing_per_block_is_shared_by_its_convs(where):
         torch.testing.assert_close(routing, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_routed_bottleneck_is_the_block_with_mixed_kernels():
+@pytest.mark.parametrize("kind", ["Bottleneck", "BasicBlock"])
+def test_routed_block_is_the_block_with_mixed_kernels(kind):
+    from torchvision.models import resnet
+
     torch.manual_seed(0)
-    block = condconv_resnet(50, num_classes=4).layer4[0].eval()
-    nn.init.normal_(block.routing_fc.weight, std=0.1)
-    x = randn(2, 1024, 4, 4, dtype=torch.float32)
+    planes = 8 if kind == "Bottleneck" else 32
+    shortcut = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
+    block = getattr(resnet, kind)(16, planes, stride=2, downsample=shortcut)
+    block = convert_conv2d(
+        block,
+        lambda c: SharedRoutingCondConv2d.from_conv2d(c, preserve=False, num_kernels=3),
+        lambda name, conv: not name.startswith("downsample."),
+    )
+    block = RoutedBlock(block, 3, preserve=False).eval()
+    assert block.kind == kind.lower().replace("block", "")
+    x = randn(2, 16, 6, 6, dtype=torch.float32)
     r = torch.sigmoid(block.routing_fc(x.mean(dim=(2, 3))))
 
     def conv(layer, inp):  # the functional CondConv with the block's routing
-        return condconv2d(
-            inp, r, layer.weight, None, layer.stride, layer.padding, groups=1
-        )
+        return condconv2d(inp, r, layer.weight, None, layer.stride, layer.padding)
 
     out = torch.relu(block.bn1(conv(block.conv1, x)))
-    out = torch.relu(block.bn2(conv(block.conv2, out)))
-    out = block.bn3(conv(block.conv3, out))
+    out = block.bn2(conv(block.conv2, out))
+    if kind == "Bottleneck":
+        out = block.bn3(conv(block.conv3, torch.relu(out)))
     expected = torch.relu(out + block.downsample(x))
     torch.testing.assert_close(block(x), expected, rtol=1e-4, atol=1e-5)
 
@@ -781,7 +803,11 @@ def test_builders_on_the_meta_device_count_like_real_ones():
     with torch.device("meta"):
         on_meta = condconv_resnet(18)
     assert on_meta.fc.weight.device.type == "meta"
-    assert count_parameters(on_meta) == count_parameters(condconv_resnet(18))
+    real = count_parameters(condconv_resnet(18))
+    assert count_parameters(on_meta) == real
+    # the table's shapes-only build (random fills skipped) counts the same
+    (record,) = [r for r in PUBLISHED_COUNTS if r.key == "condconv8x-resnet18"]
+    assert published_parameters(record) == real
 
 
 # ---- the table of published counts (chapter 8)
@@ -834,11 +860,18 @@ def test_every_published_count_is_reproduced(record):
 
 
 def test_extra_counts_are_differences_and_keys_are_checked():
-    (record,) = [r for r in PUBLISHED_COUNTS if r.extra]
-    assert record.key == "fdconv-resnet50"
-    with torch.device("meta"):
-        total = count_parameters(build_published(record))
-    assert published_parameters(record) == total - 25_557_032
+    extra = [r for r in PUBLISHED_COUNTS if r.extra]
+    assert {r.key for r in extra} == {
+        "fdconv-resnet50",
+        "condconv8x-resnet50-backbone",
+        "dyconv4x-resnet50-backbone",
+        "odconv4x-resnet50-backbone",
+    }
+    for record in extra:
+        assert "Linwei-Chen/FDConv" in record.source
+        with shapes_only():
+            total = count_parameters(build_published(record))
+        assert published_parameters(record) == total - 25_557_032
     with pytest.raises(ValueError, match="expected keys of PUBLISHED_COUNTS"):
         reproduce_published_counts(["resnet-50"])
     with pytest.raises(TypeError, match="expected a PublishedCount"):
