@@ -702,18 +702,25 @@ class CondConvLinear(CondConv2d):
     def forward(self, input: Tensor, routing: Tensor | None = None) -> Tensor:
         """``Tensor[N, in_features] -> Tensor[N, out_features]``.
 
+        Args:
+            input: ``Tensor[N, in_features]``.
+            routing: optional ``Tensor[N, E]`` computed outside (``None``: the
+                layer's own routing).
+
         Raises:
-            TypeError, ValueError: an input that is not ``Tensor[N, in_features]``.
+            TypeError: a non-tensor input.
+            ValueError: an input that is not 2-D, or without ``in_features``
+                features.
         """
         owner = type(self).__name__
-        if not isinstance(input, Tensor) or input.dim() != 2:
-            got = (
-                f"shape {tuple(input.shape)}"
-                if isinstance(input, Tensor)
-                else type(input).__name__
+        if not isinstance(input, Tensor):
+            raise TypeError(
+                f"{owner} expected input to be a Tensor, got {type(input).__name__}"
             )
+        if input.dim() != 2:
             raise ValueError(
-                f"{owner} expected input Tensor[N, in_features], got {got}"
+                f"{owner} expected input Tensor[N, in_features], got shape "
+                f"{tuple(input.shape)}"
             )
         return super().forward(input[:, :, None, None], routing)[:, :, 0, 0]
 
@@ -872,8 +879,9 @@ def condconv_mobilenet_v2(
 ) -> nn.Module:
     """The "CondConv (8x)" MobileNetV2 of later papers, from torchvision.
 
-    CondConv (Yang et al., NeurIPS 2019, arXiv:1904.04971; chapter 2) in the
-    placement of the MobileNetV2 port (d-li14/condconv.pytorch,
+    CondConv (Yang, Bender, Le, Ngiam, "CondConv: Conditionally Parameterized
+    Convolutions for Efficient Inference", NeurIPS 2019, arXiv:1904.04971;
+    chapter 2) in the placement of the MobileNetV2 port (d-li14/condconv.pytorch,
     ``cond_mobilenetv2.py``), which reproduces the 22.88M the ODConv paper
     (ICLR 2022) prints for MobileNetV2 1.0 with "CondConv (8x)" (second-hand,
     :data:`PUBLISHED_COUNTS`):
@@ -1069,8 +1077,9 @@ def dynamic_conv_mobilenet_v2(
 ) -> nn.Module:
     """The "DY-Conv (4x)" MobileNetV2 of later papers, from torchvision.
 
-    Dynamic convolution (Chen et al., CVPR 2020, arXiv:1912.03458; chapter 3) in
-    every convolution except the first (``features.0.0``,
+    Dynamic convolution (Chen et al., "Dynamic Convolution: Attention over
+    Convolution Kernels", CVPR 2020, arXiv:1912.03458; chapter 3) in every
+    convolution except the first (``features.0.0``,
     :func:`is_mobilenet_v2_stem`): expand, depthwise and project of all 17
     inverted residual blocks and the final 1x1 convolution to 1280 channels (51
     layers); the classifier stays static. Attention as in
@@ -1191,10 +1200,11 @@ def odconv_mobilenet_v2(
 ) -> nn.Module:
     """The official ODConv MobileNetV2 (``od_mobilenetv2_{050,075,100}``).
 
-    ODConv (Li, Zhou, Yao, ICLR 2022, arXiv:2209.07947; chapter 4) in the official
-    placement (OSVAI/ODConv, ``models/od_mobilenetv2.py``): expand, depthwise and
-    project convolutions of every inverted residual block and the final 1x1
-    convolution to 1280 channels (51 layers); the first convolution
+    ODConv (Li, Zhou, Yao, "Omni-Dimensional Dynamic Convolution", ICLR 2022,
+    arXiv:2209.07947; chapter 4) in the official placement (OSVAI/ODConv,
+    ``models/od_mobilenetv2.py``): expand, depthwise and project convolutions
+    of every inverted residual block and the final 1x1 convolution to 1280
+    channels (51 layers); the first convolution
     (:func:`is_mobilenet_v2_stem`) and the classifier stay static. The official
     network is torchvision's MobileNetV2 layer for layer, so it is built from
     ``torchvision.models.mobilenet_v2``. Counts equal the README's
@@ -1707,7 +1717,7 @@ PUBLISHED_COUNTS: tuple[PublishedCount, ...] = (
         None,
         "no published count (the DCNv2 paper, CVPR 2019, gives the placement only)",
         "modulated deformable conv in the 13 3x3 convs of layer2-layer4 (the paper "
-        "says '12 layers', second-hand)",
+        "says '12 layers', second-hand); +0.87M over ResNet-50",
         "dcnv2_resnet50",
     ),
 )

@@ -513,6 +513,10 @@ def test_condconv_linear_is_a_routed_mixture_of_matrices():
     assert "num_kernels=4" in repr(layer)
     with pytest.raises(ValueError, match=r"expected input Tensor\[N, in_features\]"):
         layer(randn(5, 6, 1, 1, dtype=torch.float32))
+    with pytest.raises(TypeError, match="expected input to be a Tensor, got list"):
+        layer([[0.0] * 6])
+    with pytest.raises(ValueError, match="expected input with 6 channels, got 5"):
+        layer(randn(2, 5, dtype=torch.float32))
     with pytest.raises(TypeError, match="from_linear expected an nn.Linear"):
         CondConvLinear.from_linear(nn.Conv2d(3, 3, 1))
     with pytest.raises(ValueError, match="cannot preserve an nn.Linear with bias"):
