@@ -46,6 +46,7 @@ __all__ = [
     "DEFORMABLE_GRID_KINDS",
     "deformable_offsets",
     "plot_deformable_grids",
+    "plot_offset_layout",
     #
     #
     # --- chapter 8: side by side
@@ -1186,6 +1187,82 @@ def plot_deformable_grids(
     ]  # fmt: skip
     legend_ax.legend(handles=handles, loc="center", fontsize=10, labelspacing=1.1)
     fig.suptitle(f"Sampling grids of a {kernel_size}×{kernel_size} kernel")
+    return fig
+
+
+def plot_offset_layout(kernel_size=(3, 3), offset_groups: int = 2):
+    r"""Which channels of ``offset`` and ``mask`` belong to each kernel tap.
+
+    One panel per offset group :math:`\gamma`: the ``k_H x k_W`` taps, each
+    labelled with its number :math:`t` (row-major, from 1), its kernel row and
+    column, and the channels of ``torchvision.ops.deform_conv2d``'s layout:
+    :math:`\Delta y` in channel :math:`2(\gamma k_H k_W + t - 1)`, :math:`\Delta x`
+    in the next one, the mask in :math:`\gamma k_H k_W + t - 1`. DCNv1 (Dai et al.,
+    ICCV 2017) and DCNv2 (Zhu et al., CVPR 2019); chapter 6.
+
+    Args:
+        kernel_size: ``k`` or ``(k_H, k_W)``.
+        offset_groups: :math:`g_\Delta`, one panel each (at most 4).
+
+    Returns:
+        The ``matplotlib.figure.Figure`` (5 inches wide, one row per group).
+
+    Raises:
+        ValueError: a non-positive kernel size, or ``offset_groups`` not in 1..4.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from ._validation import pair
+
+    owner = "plot_offset_layout"
+    kh, kw = pair(kernel_size, "kernel_size", owner=owner)
+    if kh < 1 or kw < 1:
+        raise ValueError(
+            f"{owner} expected a positive kernel_size, got {kernel_size!r}"
+        )
+    if (
+        isinstance(offset_groups, bool)
+        or not isinstance(offset_groups, int)
+        or not 1 <= offset_groups <= 4
+    ):
+        raise ValueError(
+            f"{owner} expected offset_groups in 1..4, got {offset_groups!r}"
+        )
+    taps = kh * kw
+    fig, axes = plt.subplots(
+        offset_groups, 1, figsize=(5.0, 1.25 * kh * offset_groups + 0.6), squeeze=False
+    )
+    for group, ax in enumerate(axes[:, 0]):
+        for a in range(kh):
+            for b in range(kw):
+                t = a * kw + b + 1
+                channel = 2 * (group * taps + t - 1)
+                ax.add_patch(
+                    Rectangle(
+                        (b - 0.45, a - 0.45), 0.9, 0.9,
+                        facecolor=COLORS["kernel"], alpha=0.15 + 0.15 * group,
+                    )
+                )  # fmt: skip
+                ax.text(b, a - 0.2, f"tap {t} ({a},{b})", ha="center", fontsize=9)
+                ax.text(b, a + 0.03, f"Δy: ch {channel}", ha="center", fontsize=9)
+                ax.text(b, a + 0.23, f"Δx: ch {channel + 1}", ha="center", fontsize=9)
+                ax.text(
+                    b, a + 0.42, f"mask: ch {group * taps + t - 1}", ha="center",
+                    fontsize=8, color=COLORS["dynamic"],
+                )  # fmt: skip
+        ax.set_xlim(-0.5, kw - 0.5)
+        ax.set_ylim(kh - 0.5, -0.5)
+        ax.set_xticks(range(kw))
+        ax.set_yticks(range(kh))
+        ax.set_xlabel("kernel column b")
+        ax.set_ylabel("kernel row a")
+        ax.set_title(f"offset group {group} (input channels of group {group})")
+    fig.suptitle(
+        f"Offset and mask channels of each tap\n"
+        f"({kh}×{kw} kernel, {offset_groups} offset group"
+        f"{'s' if offset_groups > 1 else ''})"
+    )
     return fig
 
 

@@ -391,6 +391,67 @@ def test_deformable_offsets_errors(kwargs, message):
         viz.deformable_offsets(kind, **kwargs)
 
 
+def _moved_by_channel(channel, kh, kw, groups):
+    # which (group, row, column, axis) one offset channel moves, per torchvision:
+    # one input channel per group holding 100*row + col, a one-hot weight per tap
+    from torchvision.ops import deform_conv2d
+
+    size = 6
+    rows, cols = torch.meshgrid(
+        torch.arange(size, dtype=torch.float64),
+        torch.arange(size, dtype=torch.float64),
+        indexing="ij",
+    )
+    image = (100 * rows + cols).expand(1, groups, size, size)
+    weight = torch.zeros(groups * kh * kw, groups, kh, kw, dtype=torch.float64)
+    for o in range(groups * kh * kw):
+        group, t = divmod(o, kh * kw)
+        weight[o, group, t // kw, t % kw] = 1.0
+    ho, wo = size - kh + 1, size - kw + 1
+    offset = torch.zeros(1, 2 * groups * kh * kw, ho, wo, dtype=torch.float64)
+    base = deform_conv2d(image, offset, weight)
+    offset[0, channel] = 0.5
+    change = (deform_conv2d(image, offset, weight) - base)[0, :, 0, 0]
+    (o,) = torch.nonzero(change).flatten().tolist()
+    group, t = divmod(o, kh * kw)
+    return group, t // kw, t % kw, "Δy" if change[o] == 50 else "Δx"
+
+
+def test_plot_offset_layout_labels_agree_with_torchvision():
+    kh, kw, groups = 2, 3, 2
+    fig = viz.plot_offset_layout((kh, kw), offset_groups=groups)
+    assert fig.get_size_inches()[0] <= 6.3
+    panels = [ax for ax in fig.axes if ax.get_title().startswith("offset group")]
+    assert len(panels) == groups
+    seen = set()
+    for group, ax in enumerate(panels):
+        assert (
+            ax.get_xlabel() == "kernel column b" and ax.get_ylabel() == "kernel row a"
+        )
+        for text in ax.texts:
+            label = text.get_text()
+            if label.startswith(("Δy", "Δx")):
+                axis, channel = label[:2], int(label.split("ch ")[1])
+                b, a = round(text.get_position()[0]), round(text.get_position()[1])
+                assert _moved_by_channel(channel, kh, kw, groups) == (group, a, b, axis)
+                seen.add(channel)
+    assert seen == set(range(2 * groups * kh * kw))  # every channel labelled once
+    assert "2×3 kernel, 2 offset groups" in fig._suptitle.get_text()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"offset_groups": 0}, ValueError, r"expected offset_groups in 1\.\.4"),
+        ({"offset_groups": 5}, ValueError, r"expected offset_groups in 1\.\.4"),
+        ({"kernel_size": 0}, ValueError, r""),
+    ],
+)
+def test_plot_offset_layout_errors(kwargs, error, message):
+    with pytest.raises(error, match=r"^plot_offset_layout " + message):
+        viz.plot_offset_layout(**kwargs)
+
+
 # (end of chapter 6 diagram tests)
 
 
