@@ -35,6 +35,8 @@ __all__ = [
     # --- chapter 2: CondConv
     #
     #
+    "draw_condconv_diagram",
+    "draw_batch_folding_diagram",
     # --- chapter 3: attention over kernels
     #
     #
@@ -805,6 +807,203 @@ def draw_fdconv_diagram():
 
 
 # === chapter 2: CondConv diagrams ====================================================
+
+
+def draw_condconv_diagram(num_kernels: int = 4):
+    """The data path of a CondConv layer (chapter 2), as a box-and-arrow diagram.
+
+    Following Yang et al. (NeurIPS 2019) and the official TensorFlow code: the
+    input is pooled (GAP), a fully connected routing layer with bias and a
+    sigmoid turn the pooled vector into ``num_kernels`` routing weights
+    ``alpha_i(x)`` in ``(0, 1)``; they mix the ``n`` static expert kernels into one
+    kernel per sample, and each sample goes through *one* convolution with its
+    own kernel. Batch normalisation and the activation follow the layer (dashed:
+    they belong to the network, conv -> BN -> activation).
+
+    Args:
+        num_kernels: ``n``, the number of expert boxes drawn (1 to 6).
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        TypeError: ``num_kernels`` is not an int.
+        ValueError: ``num_kernels`` is outside 1 to 6.
+    """
+    import matplotlib.pyplot as plt
+
+    from ._validation import check_positive_int
+
+    owner = "draw_condconv_diagram"
+    n = check_positive_int(num_kernels, "num_kernels", owner=owner)
+    if n > 6:
+        raise ValueError(f"{owner} expected num_kernels <= 6 (drawn), got {n}")
+    fig, ax = plt.subplots(figsize=(6.3, 3.5))
+    ax.set_axis_off()
+    routing, mixed = "#dbe9f6", "white"
+    _diagram_box(ax, 0.09, 0.86, "input x\n[N, C_in, H, W]", color=COLORS["input"])
+    _diagram_box(ax, 0.29, 0.86, "GAP\n[N, C_in]", color=routing)
+    _diagram_box(ax, 0.5, 0.86, "routing FC (R, c)\n+ sigmoid", color=routing)
+    _diagram_box(
+        ax, 0.82, 0.86, "routing weights\n$\\alpha_i(x) \\in (0, 1)$\n[N, n]",
+        color=routing,
+    )  # fmt: skip
+    left, right = 0.16, 0.46
+    xs = [left + (right - left) * i / max(n - 1, 1) for i in range(n)]
+    if n == 1:
+        xs = [(left + right) / 2]
+    for i, x in enumerate(xs):
+        _diagram_box(ax, x, 0.5, f"$W_{{{i + 1}}}$", color=COLORS["kernel"])
+    ax.text(
+        (left + right) / 2, 0.34, f"n = {n} static expert kernels\n"
+        "each [C_out, C_in/g, k, k]", ha="center", va="center", fontsize=8,
+        transform=ax.transAxes,
+    )  # fmt: skip
+    _diagram_box(
+        ax, 0.74, 0.5, "mix once per sample\n"
+        "$W(x) = \\Sigma_i\\, \\alpha_i(x)\\, W_i$\n[N, C_out, C_in/g, k, k]",
+        color=mixed, dashed=True,
+    )  # fmt: skip
+    _diagram_box(
+        ax, 0.5, 0.12, "one convolution per sample\n$y = W(x) * x + b(x)$\n"
+        "[N, C_out, H_out, W_out]", color=COLORS["output"],
+    )  # fmt: skip
+    _diagram_box(
+        ax, 0.87, 0.12, "BN -> ReLU\n(the network's,\nafter the layer)",
+        color="white", dashed=True,
+    )  # fmt: skip
+    for start, end in [
+        ((0.16, 0.86), (0.24, 0.86)),
+        ((0.34, 0.86), (0.4, 0.86)),
+        ((0.6, 0.86), (0.71, 0.86)),
+        ((0.82, 0.76), (0.8, 0.61)),
+        ((0.5, 0.5), (0.59, 0.5)),
+        ((0.72, 0.39), (0.6, 0.22)),
+        ((0.67, 0.12), (0.77, 0.12)),
+    ]:
+        _diagram_arrow(ax, start, end)
+    ax.annotate(
+        "",
+        xy=(0.3, 0.12),
+        xytext=(0.09, 0.78),
+        xycoords="axes fraction",
+        arrowprops={
+            "arrowstyle": "->",
+            "color": "0.25",
+            "lw": 1.2,
+            "connectionstyle": "angle,angleA=-90,angleB=0,rad=0",
+        },
+    )
+    ax.set_title(f"CondConv with n = {n}: route, mix the kernels, convolve once")
+    return fig
+
+
+def draw_batch_folding_diagram(
+    batch: int = 2, groups: int = 2, in_channels: int = 4, out_channels: int = 6
+):
+    """How a batch of per-sample kernels runs as one grouped convolution (chapter 2).
+
+    The trick behind :func:`refimpl.per_sample.per_sample_conv2d` (used by CondConv,
+    Yang et al., NeurIPS 2019, and every dynamic operator of the book): the input
+    ``[N, C_in, H, W]`` is reshaped to ``[1, N*C_in, H, W]``, the ``N`` kernels
+    ``[C_out, C_in/g, k, k]`` are stacked into ``[N*C_out, C_in/g, k, k]``, and one
+    convolution with ``N*g`` groups pairs block ``q`` of input channels with block
+    ``q`` of filters only, so every sample meets its own kernel and no other.
+    Each row of the drawing is one group; colours alternate by sample. The shapes
+    are written symbolically and for the given sizes.
+
+    Args:
+        batch: ``N``, the number of samples drawn.
+        groups: ``g``, the groups of the layer.
+        in_channels, out_channels: ``C_in`` and ``C_out`` (multiples of ``g``).
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        TypeError: an argument is not an int.
+        ValueError: an argument is below 1, ``C_in`` or ``C_out`` is not a multiple
+            of ``g``, or ``N*g`` exceeds 8 (too many rows to draw).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from ._validation import check_positive_int
+
+    owner = "draw_batch_folding_diagram"
+    n = check_positive_int(batch, "batch", owner=owner)
+    g = check_positive_int(groups, "groups", owner=owner)
+    c_in = check_positive_int(in_channels, "in_channels", owner=owner)
+    c_out = check_positive_int(out_channels, "out_channels", owner=owner)
+    for name, value in (("in_channels", c_in), ("out_channels", c_out)):
+        if value % g:
+            raise ValueError(
+                f"{owner} expected {name} divisible by groups={g}, got {value}"
+            )
+    if n * g > 8:
+        raise ValueError(f"{owner} expected batch * groups <= 8 (drawn), got {n * g}")
+    fig, ax = plt.subplots(figsize=(6.3, 4.0))
+    ax.set_axis_off()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    rows = n * g
+    top, bottom = 0.66, 0.17
+    height = (top - bottom) / rows
+    columns = [
+        (
+            0.3, "input", "x reshaped", f"[1, N·C_in, H, W]\n= [1, {n * c_in}, H, W]",
+            f"{rows} blocks of\nC_in/g = {c_in // g} channels", "x",
+        ),
+        (
+            0.55, "kernel", "kernels stacked",
+            f"[N·C_out, C_in/g, k, k]\n= [{n * c_out}, {c_in // g}, k, k]",
+            f"{rows} blocks of\nC_out/g = {c_out // g} filters", "W(x",
+        ),
+        (
+            0.8, "output", "output",
+            f"[1, N·C_out, H_out, W_out]\n= [1, {n * c_out}, H_out, W_out]",
+            f"{rows} blocks of\nC_out/g = {c_out // g} channels", "y",
+        ),
+    ]  # fmt: skip
+    width = 0.17
+    for x, role, name, shape, blocks, symbol in columns:
+        ax.text(x, top + 0.02, blocks, ha="center", va="bottom", fontsize=7)
+        ax.text(x, top + 0.11, f"{name}\n{shape}", ha="center", va="bottom",
+                fontsize=7)  # fmt: skip
+        for r in range(rows):
+            j, q = divmod(r, g)
+            y = top - (r + 1) * height
+            ax.add_patch(
+                Rectangle(
+                    (x - width / 2, y), width, height, facecolor=COLORS[role],
+                    edgecolor="0.3", alpha=1.0 if j % 2 == 0 else 0.5,
+                )
+            )  # fmt: skip
+            close = ")" if symbol == "W(x" else ""
+            label = f"${symbol}_{{{j + 1}}}{close}$, group {q + 1}"
+            ax.text(x, y + height / 2, label, ha="center", va="center", fontsize=7.5)
+    for r in range(rows):
+        y = top - (r + 0.5) * height
+        for start, end in (
+            (0.3 + width / 2, 0.55 - width / 2),
+            (0.55 + width / 2, 0.8 - width / 2),
+        ):
+            ax.annotate(
+                "", xy=(end, y), xytext=(start, y),
+                arrowprops={"arrowstyle": "->", "color": "0.25", "lw": 0.9},
+            )  # fmt: skip
+    ax.text(
+        0.09, (top + bottom) / 2, f"x\n[N, C_in, H, W]\n= [{n}, {c_in}, H, W]\n\n"
+        "reshape\n->", ha="center", va="center", fontsize=8,
+    )  # fmt: skip
+    ax.text(
+        0.5, 0.08, f"one F.conv2d with groups = N·g = {rows}: group q reads input "
+        "block q\nwith filter block q only; reshape the output to "
+        f"[N, C_out, H_out, W_out] = [{n}, {c_out}, H_out, W_out]",
+        ha="center", va="center", fontsize=8,
+    )  # fmt: skip
+    ax.set_title(f"Batch folded into groups: N = {n} samples, g = {g}")
+    return fig
 
 
 # (end of chapter 2 diagrams)

@@ -227,6 +227,92 @@ def test_frequency_partition_plot_errors(partition, message):
 # === chapter 2: CondConv diagrams ====================================================
 
 
+def _overlapping_texts(fig):
+    """Pairs of non-empty texts (with their boxes) whose drawn extents intersect."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    drawn = []
+    for text in fig.axes[0].texts:
+        if not text.get_text().strip():
+            continue
+        patch = text.get_bbox_patch()
+        extent = (patch or text).get_window_extent(renderer)
+        drawn.append((text.get_text(), extent))
+    return [
+        (a, b)
+        for i, (a, ea) in enumerate(drawn)
+        for b, eb in drawn[i + 1 :]
+        if ea.overlaps(eb)
+    ]
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_condconv_diagram_draws_the_data_path_and_n_experts(n):
+    fig = viz.draw_condconv_diagram(n)
+    assert fig.get_figwidth() <= 6.3
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for part in ("GAP", "routing FC", "sigmoid", "one convolution per sample",
+                 "BN -> ReLU"):  # fmt: skip
+        assert any(part in t for t in texts), part
+    experts = [t for t in texts if t.startswith("$W_{")]
+    assert experts == [f"$W_{{{i}}}$" for i in range(1, n + 1)]
+    assert any(f"n = {n} static expert kernels" in t for t in texts)
+    assert f"n = {n}" in fig.axes[0].get_title()
+    assert _overlapping_texts(fig) == []
+
+
+@pytest.mark.parametrize(
+    "value, error, match",
+    [(0, ValueError, r"num_kernels >= 1"), (7, ValueError, r"num_kernels <= 6"),
+     (2.5, TypeError, r"num_kernels to be an int")],
+)  # fmt: skip
+def test_condconv_diagram_errors(value, error, match):
+    with pytest.raises(error, match=r"^draw_condconv_diagram expected " + match):
+        viz.draw_condconv_diagram(value)
+
+
+@pytest.mark.parametrize(
+    "n, g, c_in, c_out", [(2, 2, 4, 6), (3, 1, 5, 7), (4, 2, 8, 8)]
+)
+def test_batch_folding_diagram_writes_the_folded_shapes(n, g, c_in, c_out):
+    from matplotlib.patches import Rectangle
+
+    fig = viz.draw_batch_folding_diagram(n, g, c_in, c_out)
+    ax = fig.axes[0]
+    assert fig.get_figwidth() <= 6.3
+    texts = "\n".join(t.get_text() for t in ax.texts)
+    # the shapes of one grouped convolution over the folded batch, computed here
+    assert f"= [1, {n * c_in}, H, W]" in texts
+    assert f"= [{n * c_out}, {c_in // g}, k, k]" in texts
+    assert f"= [1, {n * c_out}, H_out, W_out]" in texts
+    assert f"= [{n}, {c_in}, H, W]" in texts
+    assert f"= [{n}, {c_out}, H_out, W_out]" in texts
+    assert f"groups = N·g = {n * g}" in texts
+    blocks = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(blocks) == 3 * n * g  # input, kernel and output block of each group
+    # each row pairs sample j's input, kernel and output blocks of group q
+    for j in range(1, n + 1):
+        for q in range(1, g + 1):
+            for symbol in (f"$x_{{{j}}}$", f"$W(x_{{{j}}})$", f"$y_{{{j}}}$"):
+                assert f"{symbol}, group {q}" in texts
+    assert _overlapping_texts(fig) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(batch=0), ValueError, r"batch >= 1"),
+        (dict(groups=1.0), TypeError, r"groups to be an int"),
+        (dict(groups=3), ValueError, r"in_channels divisible by groups=3, got 4"),
+        (dict(out_channels=5), ValueError, r"out_channels divisible by groups=2"),
+        (dict(batch=5), ValueError, r"batch \* groups <= 8 \(drawn\), got 10"),
+    ],
+)
+def test_batch_folding_diagram_errors(kwargs, error, match):
+    with pytest.raises(error, match=r"^draw_batch_folding_diagram expected " + match):
+        viz.draw_batch_folding_diagram(**kwargs)
+
+
 # (end of chapter 2 diagram tests)
 
 
