@@ -1068,10 +1068,10 @@ def draw_batch_folding_diagram(
     Yang et al., NeurIPS 2019, and every dynamic operator of the book): the input
     ``[N, C_in, H, W]`` is reshaped to ``[1, N*C_in, H, W]``, the ``N`` kernels
     ``[C_out, C_in/g, k, k]`` are stacked into ``[N*C_out, C_in/g, k, k]``, and one
-    convolution with ``N*g`` groups pairs block ``q`` of input channels with block
-    ``q`` of filters only, so every sample meets its own kernel and no other.
-    Each row of the drawing is one group; colours alternate by sample. The shapes
-    are written symbolically and for the given sizes.
+    convolution with ``N*g`` groups pairs each block of input channels with the
+    block of filters of the same position only, so every sample meets its own
+    kernel and no other. Each row of the drawing is one group; colours alternate
+    by sample. The shapes are written symbolically and for the given sizes.
 
     Args:
         batch: ``N``, the number of samples drawn.
@@ -1158,8 +1158,8 @@ def draw_batch_folding_diagram(
         "reshape\n->", ha="center", va="center", fontsize=8,
     )  # fmt: skip
     ax.text(
-        0.5, 0.08, f"one F.conv2d with groups = N·g = {rows}: group q reads input "
-        "block q\nwith filter block q only; reshape the output to "
+        0.5, 0.08, f"one F.conv2d with groups = N·g = {rows}: each group (row) "
+        "reads its input block\nwith its filter block only; reshape the output to "
         f"[N, C_out, H_out, W_out] = [{n}, {c_out}, H_out, W_out]",
         ha="center", va="center", fontsize=8,
     )  # fmt: skip
