@@ -39,6 +39,7 @@ __all__ = [
     "draw_condconv_diagram",
     "draw_batch_folding_diagram",
     # --- chapter 3: attention over kernels
+    "draw_dynamic_conv_diagram",
     #
     #
     # --- chapter 4: ODConv
@@ -1171,6 +1172,117 @@ def draw_batch_folding_diagram(
 
 
 # === chapter 3: attention-over-kernels diagrams ======================================
+
+
+def draw_dynamic_conv_diagram(
+    num_kernels: int = 4, *, tau_start: float = 30.0, tau_end: float = 1.0
+):
+    """A DynamicConv block of DY-CNN (chapter 3), as a box-and-arrow diagram.
+
+    Chen et al., "Dynamic Convolution: Attention over Convolution Kernels", CVPR
+    2020. Top row, the attention branch: global average pooling of the input, a
+    fully connected layer from ``C_in`` to ``C_in/4`` channels, ReLU, a fully
+    connected layer to ``n`` logits ``z`` and a softmax of ``z / tau``, with the
+    temperature annealed from ``tau_start`` to ``tau_end``. Middle row: the
+    attention ``alpha_i`` mixes the ``n`` kernels and biases into one kernel and
+    one bias per sample. Bottom row: the input is convolved with them, then
+    BatchNorm and ReLU, as in every block of a DY-CNN network.
+
+    Args:
+        num_kernels: ``n``, the number of kernels drawn in the bank (``>= 1``).
+        tau_start: temperature at the start of training (``> 0``).
+        tau_end: temperature after annealing (``> 0``, at most ``tau_start``).
+
+    Returns:
+        The ``matplotlib.figure.Figure`` (6.3 x 3.9 inches).
+
+    Raises:
+        TypeError: ``num_kernels`` is not an int, or a temperature not a number.
+        ValueError: ``num_kernels < 1``, a temperature is not positive, or
+            ``tau_end > tau_start``.
+    """
+    import matplotlib.pyplot as plt
+
+    owner = "draw_dynamic_conv_diagram"
+    if isinstance(num_kernels, bool) or not isinstance(num_kernels, int):
+        raise TypeError(
+            f"{owner} expected num_kernels to be an int, got "
+            f"{type(num_kernels).__name__}"
+        )
+    if num_kernels < 1:
+        raise ValueError(f"{owner} expected num_kernels >= 1, got {num_kernels}")
+    for name, value in (("tau_start", tau_start), ("tau_end", tau_end)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"{owner} expected {name} to be a number, got {type(value).__name__}"
+            )
+        if not value > 0:
+            raise ValueError(f"{owner} expected {name} > 0, got {value}")
+    if tau_end > tau_start:
+        raise ValueError(
+            f"{owner} expected tau_end <= tau_start, got {tau_end} > {tau_start}"
+        )
+    n = num_kernels
+    bank = (
+        ", ".join(f"$W_{i}$" for i in range(1, n + 1))
+        if n <= 3
+        else (f"$W_1, \\dots, W_{{{n}}}$")
+    )
+    biases = (
+        ", ".join(f"$b_{i}$" for i in range(1, n + 1))
+        if n <= 3
+        else (f"$b_1, \\dots, b_{{{n}}}$")
+    )
+    fig, ax = plt.subplots(figsize=(6.3, 3.9))
+    ax.set_axis_off()
+    data, branch, result = "#dbe9f6", "#fbe3c8", "#d9efd9"
+    top, middle, bottom = 0.86, 0.5, 0.12
+    _diagram_box(ax, 0.07, middle, "input $x$\n[N, C_in,\nH, W]", color=data)
+    _diagram_box(ax, 0.2, top, "GAP\n[N, C_in]", color=branch)
+    _diagram_box(ax, 0.41, top, "FC C_in \u2192 C_in/4\nReLU", color=branch)
+    _diagram_box(ax, 0.62, top, f"FC \u2192 {n}\nlogits $z$", color=branch)
+    _diagram_box(
+        ax,
+        0.86,
+        top,
+        "$\\alpha = \\mathrm{softmax}(z / \\tau)$\n"
+        f"$\\tau$: {tau_start:g} \u2192 {tau_end:g}",
+        color=branch,
+    )
+    _diagram_box(
+        ax, 0.36, middle, f"{n} kernels {bank}\n{n} biases {biases}", color=data
+    )
+    _diagram_box(
+        ax,
+        0.78,
+        middle,
+        "$\\tilde W(x) = \\sum_i \\alpha_i W_i$\n"
+        "$\\tilde b(x) = \\sum_i \\alpha_i b_i$",
+        color="white",
+        dashed=True,
+    )
+    _diagram_box(
+        ax, 0.36, bottom, "conv  $\\tilde W(x) * x + \\tilde b(x)$", color=result
+    )
+    _diagram_box(ax, 0.64, bottom, "BN", color=result)
+    _diagram_box(ax, 0.76, bottom, "ReLU", color=result)
+    _diagram_box(ax, 0.92, bottom, "output $y$", color=data)
+    for start, end in [
+        ((0.09, 0.63), (0.17, 0.79)),
+        ((0.25, top), (0.32, top)),
+        ((0.51, top), (0.575, top)),
+        ((0.675, top), (0.77, top)),
+        ((0.86, 0.76), (0.82, 0.61)),
+        ((0.48, middle), (0.705, middle)),
+        ((0.74, 0.39), (0.45, 0.18)),
+        ((0.09, 0.37), (0.25, 0.16)),
+        ((0.48, bottom), (0.61, bottom)),
+        ((0.67, bottom), (0.72, bottom)),
+        ((0.8, bottom), (0.86, bottom)),
+    ]:
+        _diagram_arrow(ax, start, end)
+    ax.set_title(f"DynamicConv: softmax attention over {n} kernels (DY-CNN)")
+    return fig
 
 
 # (end of chapter 3 diagrams)

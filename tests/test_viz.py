@@ -373,6 +373,61 @@ def test_batch_folding_diagram_errors(kwargs, error, match):
 # === chapter 3: attention-over-kernels diagrams ======================================
 
 
+def _box_extents(fig):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_bbox_patch() for t in fig.axes[0].texts]
+    return [b.get_window_extent(renderer) for b in boxes if b is not None]
+
+
+@pytest.mark.parametrize("num_kernels", [1, 2, 4, 8])
+def test_dynamic_conv_diagram_draws_the_attention_branch(num_kernels):
+    fig = viz.draw_dynamic_conv_diagram(num_kernels, tau_start=20, tau_end=2)
+    assert isinstance(fig, plt.Figure)
+    assert fig.get_figwidth() <= 6.3
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for part in ("GAP", "C_in/4", "ReLU", "softmax}(z / \\tau)", "BN", "conv"):
+        assert any(part in t for t in texts), part
+    # the temperature schedule and the number of kernels are the arguments'
+    assert any("$\\tau$: 20 \u2192 2" in t for t in texts)
+    assert any(f"FC \u2192 {num_kernels}\n" in t for t in texts)
+    assert any(t.startswith(f"{num_kernels} kernels") for t in texts)
+    assert any(f"W_{{{num_kernels}}}" in t or f"W_{num_kernels}$" in t for t in texts)
+    assert str(num_kernels) in fig.axes[0].get_title()
+    plt.close(fig)
+
+
+def test_dynamic_conv_diagram_boxes_do_not_overlap_and_stay_inside():
+    fig = viz.draw_dynamic_conv_diagram()
+    boxes = _box_extents(fig)
+    assert len(boxes) == 11  # input, 4 attention steps, bank, mixing, 4 block steps
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (a, b)
+    frame = fig.bbox
+    for box in boxes:
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1
+        assert frame.y0 <= box.y0 and box.y1 <= frame.y1
+    plt.close(fig)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_kernels": 0}, ValueError, r"num_kernels >= 1, got 0"),
+        ({"num_kernels": 2.0}, TypeError, r"num_kernels to be an int, got float"),
+        ({"num_kernels": True}, TypeError, r"num_kernels to be an int, got bool"),
+        ({"tau_start": 0}, ValueError, r"tau_start > 0, got 0"),
+        ({"tau_end": -1.0}, ValueError, r"tau_end > 0, got -1.0"),
+        ({"tau_end": "1"}, TypeError, r"tau_end to be a number, got str"),
+        ({"tau_start": 1, "tau_end": 30}, ValueError, r"tau_end <= tau_start"),
+    ],
+)
+def test_dynamic_conv_diagram_errors(kwargs, error, message):
+    with pytest.raises(error, match=r"^draw_dynamic_conv_diagram expected " + message):
+        viz.draw_dynamic_conv_diagram(**kwargs)
+
+
 # (end of chapter 3 diagram tests)
 
 
