@@ -36,7 +36,10 @@ __all__ = [
     # --- chapter 2: CondConv
     #
     #
+    "draw_condconv_diagram",
+    "draw_batch_folding_diagram",
     # --- chapter 3: attention over kernels
+    "draw_dynamic_conv_diagram",
     #
     #
     # --- chapter 4: ODConv
@@ -972,10 +975,318 @@ def draw_transposed_convolution(
 # === chapter 2: CondConv diagrams ====================================================
 
 
+def draw_condconv_diagram(num_kernels: int = 4):
+    """The data path of a CondConv layer (chapter 2), as a box-and-arrow diagram.
+
+    Following Yang et al. (NeurIPS 2019) and the official TensorFlow code: the
+    input is pooled (GAP), a fully connected routing layer with bias and a
+    sigmoid turn the pooled vector into ``num_kernels`` routing weights
+    ``alpha_i(x)`` in ``(0, 1)``; they mix the ``n`` static expert kernels into one
+    kernel per sample, and each sample goes through *one* convolution with its
+    own kernel. Batch normalisation and the activation follow the layer (dashed:
+    they belong to the network, conv -> BN -> activation).
+
+    Args:
+        num_kernels: ``n``, the number of expert boxes drawn (1 to 6).
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        TypeError: ``num_kernels`` is not an int.
+        ValueError: ``num_kernels`` is outside 1 to 6.
+    """
+    import matplotlib.pyplot as plt
+
+    from ._validation import check_positive_int
+
+    owner = "draw_condconv_diagram"
+    n = check_positive_int(num_kernels, "num_kernels", owner=owner)
+    if n > 6:
+        raise ValueError(f"{owner} expected num_kernels <= 6 (drawn), got {n}")
+    fig, ax = plt.subplots(figsize=(6.3, 3.5))
+    ax.set_axis_off()
+    routing, mixed = "#dbe9f6", "white"
+    _diagram_box(ax, 0.09, 0.86, "input x\n[N, C_in, H, W]", color=COLORS["input"])
+    _diagram_box(ax, 0.29, 0.86, "GAP\n[N, C_in]", color=routing)
+    _diagram_box(ax, 0.5, 0.86, "routing FC (R, c)\n+ sigmoid", color=routing)
+    _diagram_box(
+        ax, 0.82, 0.86, "routing weights\n$\\alpha_i(x) \\in (0, 1)$\n[N, n]",
+        color=routing,
+    )  # fmt: skip
+    left, right = 0.16, 0.46
+    xs = [left + (right - left) * i / max(n - 1, 1) for i in range(n)]
+    if n == 1:
+        xs = [(left + right) / 2]
+    for i, x in enumerate(xs):
+        _diagram_box(ax, x, 0.5, f"$W_{{{i + 1}}}$", color=COLORS["kernel"])
+    ax.text(
+        (left + right) / 2, 0.34, f"n = {n} static expert kernels\n"
+        "each [C_out, C_in/g, k, k]", ha="center", va="center", fontsize=8,
+        transform=ax.transAxes,
+    )  # fmt: skip
+    _diagram_box(
+        ax, 0.74, 0.5, "mix once per sample\n"
+        "$W(x) = \\Sigma_i\\, \\alpha_i(x)\\, W_i$\n[N, C_out, C_in/g, k, k]",
+        color=mixed, dashed=True,
+    )  # fmt: skip
+    _diagram_box(
+        ax, 0.5, 0.12, "one convolution per sample\n$y = W(x) * x + b(x)$\n"
+        "[N, C_out, H_out, W_out]", color=COLORS["output"],
+    )  # fmt: skip
+    _diagram_box(
+        ax, 0.87, 0.12, "BN -> ReLU\n(the network's,\nafter the layer)",
+        color="white", dashed=True,
+    )  # fmt: skip
+    for start, end in [
+        ((0.16, 0.86), (0.24, 0.86)),
+        ((0.34, 0.86), (0.4, 0.86)),
+        ((0.6, 0.86), (0.71, 0.86)),
+        ((0.82, 0.76), (0.8, 0.61)),
+        ((0.5, 0.5), (0.59, 0.5)),
+        ((0.72, 0.39), (0.6, 0.22)),
+        ((0.67, 0.12), (0.77, 0.12)),
+    ]:
+        _diagram_arrow(ax, start, end)
+    ax.annotate(
+        "",
+        xy=(0.3, 0.12),
+        xytext=(0.09, 0.78),
+        xycoords="axes fraction",
+        arrowprops={
+            "arrowstyle": "->",
+            "color": "0.25",
+            "lw": 1.2,
+            "connectionstyle": "angle,angleA=-90,angleB=0,rad=0",
+        },
+    )
+    ax.set_title(f"CondConv with n = {n}: route, mix the kernels, convolve once")
+    return fig
+
+
+def draw_batch_folding_diagram(
+    batch: int = 2, groups: int = 2, in_channels: int = 4, out_channels: int = 6
+):
+    """How a batch of per-sample kernels runs as one grouped convolution (chapter 2).
+
+    The trick behind :func:`refimpl.per_sample.per_sample_conv2d` (used by CondConv,
+    Yang et al., NeurIPS 2019, and every dynamic operator of the book): the input
+    ``[N, C_in, H, W]`` is reshaped to ``[1, N*C_in, H, W]``, the ``N`` kernels
+    ``[C_out, C_in/g, k, k]`` are stacked into ``[N*C_out, C_in/g, k, k]``, and one
+    convolution with ``N*g`` groups pairs each block of input channels with the
+    block of filters of the same position only, so every sample meets its own
+    kernel and no other. Each row of the drawing is one group; colours alternate
+    by sample. The shapes are written symbolically and for the given sizes.
+
+    Args:
+        batch: ``N``, the number of samples drawn.
+        groups: ``g``, the groups of the layer.
+        in_channels, out_channels: ``C_in`` and ``C_out`` (multiples of ``g``).
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        TypeError: an argument is not an int.
+        ValueError: an argument is below 1, ``C_in`` or ``C_out`` is not a multiple
+            of ``g``, or ``N*g`` exceeds 8 (too many rows to draw).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from ._validation import check_positive_int
+
+    owner = "draw_batch_folding_diagram"
+    n = check_positive_int(batch, "batch", owner=owner)
+    g = check_positive_int(groups, "groups", owner=owner)
+    c_in = check_positive_int(in_channels, "in_channels", owner=owner)
+    c_out = check_positive_int(out_channels, "out_channels", owner=owner)
+    for name, value in (("in_channels", c_in), ("out_channels", c_out)):
+        if value % g:
+            raise ValueError(
+                f"{owner} expected {name} divisible by groups={g}, got {value}"
+            )
+    if n * g > 8:
+        raise ValueError(f"{owner} expected batch * groups <= 8 (drawn), got {n * g}")
+    fig, ax = plt.subplots(figsize=(6.3, 4.0))
+    ax.set_axis_off()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    rows = n * g
+    top, bottom = 0.66, 0.17
+    height = (top - bottom) / rows
+    columns = [
+        (
+            0.3, "input", "x reshaped", f"[1, N·C_in, H, W]\n= [1, {n * c_in}, H, W]",
+            f"{rows} blocks of\nC_in/g = {c_in // g} channels", "x",
+        ),
+        (
+            0.55, "kernel", "kernels stacked",
+            f"[N·C_out, C_in/g, k, k]\n= [{n * c_out}, {c_in // g}, k, k]",
+            f"{rows} blocks of\nC_out/g = {c_out // g} filters", "W(x",
+        ),
+        (
+            0.8, "output", "output",
+            f"[1, N·C_out, H_out, W_out]\n= [1, {n * c_out}, H_out, W_out]",
+            f"{rows} blocks of\nC_out/g = {c_out // g} channels", "y",
+        ),
+    ]  # fmt: skip
+    width = 0.17
+    for x, role, name, shape, blocks, symbol in columns:
+        ax.text(x, top + 0.02, blocks, ha="center", va="bottom", fontsize=7)
+        ax.text(x, top + 0.11, f"{name}\n{shape}", ha="center", va="bottom",
+                fontsize=7)  # fmt: skip
+        for r in range(rows):
+            j, q = divmod(r, g)
+            y = top - (r + 1) * height
+            ax.add_patch(
+                Rectangle(
+                    (x - width / 2, y), width, height, facecolor=COLORS[role],
+                    edgecolor="0.3", alpha=1.0 if j % 2 == 0 else 0.5,
+                )
+            )  # fmt: skip
+            close = ")" if symbol == "W(x" else ""
+            label = f"${symbol}_{{{j + 1}}}{close}$, group {q + 1}"
+            ax.text(x, y + height / 2, label, ha="center", va="center", fontsize=7.5)
+    for r in range(rows):
+        y = top - (r + 0.5) * height
+        for start, end in (
+            (0.3 + width / 2, 0.55 - width / 2),
+            (0.55 + width / 2, 0.8 - width / 2),
+        ):
+            ax.annotate(
+                "", xy=(end, y), xytext=(start, y),
+                arrowprops={"arrowstyle": "->", "color": "0.25", "lw": 0.9},
+            )  # fmt: skip
+    ax.text(
+        0.09, (top + bottom) / 2, f"x\n[N, C_in, H, W]\n= [{n}, {c_in}, H, W]\n\n"
+        "reshape\n->", ha="center", va="center", fontsize=8,
+    )  # fmt: skip
+    ax.text(
+        0.5, 0.08, f"one F.conv2d with groups = N·g = {rows}: each group (row) "
+        "reads its input block\nwith its filter block only; reshape the output to "
+        f"[N, C_out, H_out, W_out] = [{n}, {c_out}, H_out, W_out]",
+        ha="center", va="center", fontsize=8,
+    )  # fmt: skip
+    ax.set_title(f"Batch folded into groups: N = {n} samples, g = {g}")
+    return fig
+
+
 # (end of chapter 2 diagrams)
 
 
 # === chapter 3: attention-over-kernels diagrams ======================================
+
+
+def draw_dynamic_conv_diagram(
+    num_kernels: int = 4, *, tau_start: float = 30.0, tau_end: float = 1.0
+):
+    """A DynamicConv block of DY-CNN (chapter 3), as a box-and-arrow diagram.
+
+    Chen et al., "Dynamic Convolution: Attention over Convolution Kernels", CVPR
+    2020. Top row, the attention branch: global average pooling of the input, a
+    fully connected layer from ``C_in`` to ``C_in/4`` channels, ReLU, a fully
+    connected layer to ``n`` logits ``z`` and a softmax of ``z / tau``, with the
+    temperature annealed from ``tau_start`` to ``tau_end``. Middle row: the
+    attention ``alpha_i`` mixes the ``n`` kernels and biases into one kernel and
+    one bias per sample. Bottom row: the input is convolved with them, then
+    BatchNorm and ReLU, as in every block of a DY-CNN network.
+
+    Args:
+        num_kernels: ``n``, the number of kernels drawn in the bank (``>= 1``).
+        tau_start: temperature at the start of training (``> 0``).
+        tau_end: temperature after annealing (``> 0``, at most ``tau_start``).
+
+    Returns:
+        The ``matplotlib.figure.Figure`` (6.3 x 3.9 inches).
+
+    Raises:
+        TypeError: ``num_kernels`` is not an int, or a temperature not a number.
+        ValueError: ``num_kernels < 1``, a temperature is not positive, or
+            ``tau_end > tau_start``.
+    """
+    import matplotlib.pyplot as plt
+
+    owner = "draw_dynamic_conv_diagram"
+    if isinstance(num_kernels, bool) or not isinstance(num_kernels, int):
+        raise TypeError(
+            f"{owner} expected num_kernels to be an int, got "
+            f"{type(num_kernels).__name__}"
+        )
+    if num_kernels < 1:
+        raise ValueError(f"{owner} expected num_kernels >= 1, got {num_kernels}")
+    for name, value in (("tau_start", tau_start), ("tau_end", tau_end)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"{owner} expected {name} to be a number, got {type(value).__name__}"
+            )
+        if not value > 0:
+            raise ValueError(f"{owner} expected {name} > 0, got {value}")
+    if tau_end > tau_start:
+        raise ValueError(
+            f"{owner} expected tau_end <= tau_start, got {tau_end} > {tau_start}"
+        )
+    n = num_kernels
+    bank = (
+        ", ".join(f"$W_{i}$" for i in range(1, n + 1))
+        if n <= 3
+        else (f"$W_1, \\dots, W_{{{n}}}$")
+    )
+    biases = (
+        ", ".join(f"$b_{i}$" for i in range(1, n + 1))
+        if n <= 3
+        else (f"$b_1, \\dots, b_{{{n}}}$")
+    )
+    fig, ax = plt.subplots(figsize=(6.3, 3.9))
+    ax.set_axis_off()
+    data, branch, result = "#dbe9f6", "#fbe3c8", "#d9efd9"
+    top, middle, bottom = 0.86, 0.5, 0.12
+    _diagram_box(ax, 0.07, middle, "input $x$\n[N, C_in,\nH, W]", color=data)
+    _diagram_box(ax, 0.2, top, "GAP\n[N, C_in]", color=branch)
+    _diagram_box(ax, 0.41, top, "FC C_in \u2192 C_in/4\nReLU", color=branch)
+    _diagram_box(ax, 0.62, top, f"FC \u2192 {n}\nlogits $z$", color=branch)
+    _diagram_box(
+        ax,
+        0.86,
+        top,
+        "$\\alpha = \\mathrm{softmax}(z / \\tau)$\n"
+        f"$\\tau$: {tau_start:g} \u2192 {tau_end:g}",
+        color=branch,
+    )
+    _diagram_box(
+        ax, 0.36, middle, f"{n} kernels {bank}\n{n} biases {biases}", color=data
+    )
+    _diagram_box(
+        ax,
+        0.78,
+        middle,
+        "$\\tilde W(x) = \\sum_i \\alpha_i W_i$\n"
+        "$\\tilde b(x) = \\sum_i \\alpha_i b_i$",
+        color="white",
+        dashed=True,
+    )
+    _diagram_box(
+        ax, 0.36, bottom, "conv  $\\tilde W(x) * x + \\tilde b(x)$", color=result
+    )
+    _diagram_box(ax, 0.64, bottom, "BN", color=result)
+    _diagram_box(ax, 0.76, bottom, "ReLU", color=result)
+    _diagram_box(ax, 0.92, bottom, "output $y$", color=data)
+    for start, end in [
+        ((0.09, 0.63), (0.17, 0.79)),
+        ((0.25, top), (0.32, top)),
+        ((0.51, top), (0.575, top)),
+        ((0.675, top), (0.77, top)),
+        ((0.86, 0.76), (0.82, 0.61)),
+        ((0.48, middle), (0.705, middle)),
+        ((0.74, 0.39), (0.45, 0.18)),
+        ((0.09, 0.37), (0.25, 0.16)),
+        ((0.48, bottom), (0.61, bottom)),
+        ((0.67, bottom), (0.72, bottom)),
+        ((0.8, bottom), (0.86, bottom)),
+    ]:
+        _diagram_arrow(ax, start, end)
+    ax.set_title(f"DynamicConv: softmax attention over {n} kernels (DY-CNN)")
+    return fig
 
 
 # (end of chapter 3 diagrams)

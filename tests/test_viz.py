@@ -281,10 +281,151 @@ def test_transposed_convolution_diagram_rejects_non_int():
 # === chapter 2: CondConv diagrams ====================================================
 
 
+def _overlapping_texts(fig):
+    """Pairs of non-empty texts (with their boxes) whose drawn extents intersect."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    drawn = []
+    for text in fig.axes[0].texts:
+        if not text.get_text().strip():
+            continue
+        patch = text.get_bbox_patch()
+        extent = (patch or text).get_window_extent(renderer)
+        drawn.append((text.get_text(), extent))
+    return [
+        (a, b)
+        for i, (a, ea) in enumerate(drawn)
+        for b, eb in drawn[i + 1 :]
+        if ea.overlaps(eb)
+    ]
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_condconv_diagram_draws_the_data_path_and_n_experts(n):
+    fig = viz.draw_condconv_diagram(n)
+    assert fig.get_figwidth() <= 6.3
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for part in ("GAP", "routing FC", "sigmoid", "one convolution per sample",
+                 "BN -> ReLU"):  # fmt: skip
+        assert any(part in t for t in texts), part
+    experts = [t for t in texts if t.startswith("$W_{")]
+    assert experts == [f"$W_{{{i}}}$" for i in range(1, n + 1)]
+    assert any(f"n = {n} static expert kernels" in t for t in texts)
+    assert f"n = {n}" in fig.axes[0].get_title()
+    assert _overlapping_texts(fig) == []
+
+
+@pytest.mark.parametrize(
+    "value, error, match",
+    [(0, ValueError, r"num_kernels >= 1"), (7, ValueError, r"num_kernels <= 6"),
+     (2.5, TypeError, r"num_kernels to be an int")],
+)  # fmt: skip
+def test_condconv_diagram_errors(value, error, match):
+    with pytest.raises(error, match=r"^draw_condconv_diagram expected " + match):
+        viz.draw_condconv_diagram(value)
+
+
+@pytest.mark.parametrize(
+    "n, g, c_in, c_out", [(2, 2, 4, 6), (3, 1, 5, 7), (4, 2, 8, 8)]
+)
+def test_batch_folding_diagram_writes_the_folded_shapes(n, g, c_in, c_out):
+    from matplotlib.patches import Rectangle
+
+    fig = viz.draw_batch_folding_diagram(n, g, c_in, c_out)
+    ax = fig.axes[0]
+    assert fig.get_figwidth() <= 6.3
+    texts = "\n".join(t.get_text() for t in ax.texts)
+    # the shapes of one grouped convolution over the folded batch, computed here
+    assert f"= [1, {n * c_in}, H, W]" in texts
+    assert f"= [{n * c_out}, {c_in // g}, k, k]" in texts
+    assert f"= [1, {n * c_out}, H_out, W_out]" in texts
+    assert f"= [{n}, {c_in}, H, W]" in texts
+    assert f"= [{n}, {c_out}, H_out, W_out]" in texts
+    assert f"groups = N·g = {n * g}" in texts
+    blocks = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(blocks) == 3 * n * g  # input, kernel and output block of each group
+    # each row pairs sample j's input, kernel and output blocks of group q
+    for j in range(1, n + 1):
+        for q in range(1, g + 1):
+            for symbol in (f"$x_{{{j}}}$", f"$W(x_{{{j}}})$", f"$y_{{{j}}}$"):
+                assert f"{symbol}, group {q}" in texts
+    assert _overlapping_texts(fig) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(batch=0), ValueError, r"batch >= 1"),
+        (dict(groups=1.0), TypeError, r"groups to be an int"),
+        (dict(groups=3), ValueError, r"in_channels divisible by groups=3, got 4"),
+        (dict(out_channels=5), ValueError, r"out_channels divisible by groups=2"),
+        (dict(batch=5), ValueError, r"batch \* groups <= 8 \(drawn\), got 10"),
+    ],
+)
+def test_batch_folding_diagram_errors(kwargs, error, match):
+    with pytest.raises(error, match=r"^draw_batch_folding_diagram expected " + match):
+        viz.draw_batch_folding_diagram(**kwargs)
+
+
 # (end of chapter 2 diagram tests)
 
 
 # === chapter 3: attention-over-kernels diagrams ======================================
+
+
+def _box_extents(fig):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_bbox_patch() for t in fig.axes[0].texts]
+    return [b.get_window_extent(renderer) for b in boxes if b is not None]
+
+
+@pytest.mark.parametrize("num_kernels", [1, 2, 4, 8])
+def test_dynamic_conv_diagram_draws_the_attention_branch(num_kernels):
+    fig = viz.draw_dynamic_conv_diagram(num_kernels, tau_start=20, tau_end=2)
+    assert isinstance(fig, plt.Figure)
+    assert fig.get_figwidth() <= 6.3
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for part in ("GAP", "C_in/4", "ReLU", "softmax}(z / \\tau)", "BN", "conv"):
+        assert any(part in t for t in texts), part
+    # the temperature schedule and the number of kernels are the arguments'
+    assert any("$\\tau$: 20 \u2192 2" in t for t in texts)
+    assert any(f"FC \u2192 {num_kernels}\n" in t for t in texts)
+    assert any(t.startswith(f"{num_kernels} kernels") for t in texts)
+    assert any(f"W_{{{num_kernels}}}" in t or f"W_{num_kernels}$" in t for t in texts)
+    assert str(num_kernels) in fig.axes[0].get_title()
+    plt.close(fig)
+
+
+def test_dynamic_conv_diagram_boxes_do_not_overlap_and_stay_inside():
+    fig = viz.draw_dynamic_conv_diagram()
+    boxes = _box_extents(fig)
+    assert len(boxes) == 11  # input, 4 attention steps, bank, mixing, 4 block steps
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (a, b)
+    frame = fig.bbox
+    for box in boxes:
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1
+        assert frame.y0 <= box.y0 and box.y1 <= frame.y1
+    plt.close(fig)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_kernels": 0}, ValueError, r"num_kernels >= 1, got 0"),
+        ({"num_kernels": 2.0}, TypeError, r"num_kernels to be an int, got float"),
+        ({"num_kernels": True}, TypeError, r"num_kernels to be an int, got bool"),
+        ({"tau_start": 0}, ValueError, r"tau_start > 0, got 0"),
+        ({"tau_end": -1.0}, ValueError, r"tau_end > 0, got -1.0"),
+        ({"tau_end": "1"}, TypeError, r"tau_end to be a number, got str"),
+        ({"tau_start": 1, "tau_end": 30}, ValueError, r"tau_end <= tau_start"),
+    ],
+)
+def test_dynamic_conv_diagram_errors(kwargs, error, message):
+    with pytest.raises(error, match=r"^draw_dynamic_conv_diagram expected " + message):
+        viz.draw_dynamic_conv_diagram(**kwargs)
 
 
 # (end of chapter 3 diagram tests)
