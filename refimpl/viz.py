@@ -921,12 +921,12 @@ def draw_odconv_attentions(
 
     # the shared trunk, left to right
     trunk = [
-        ("input $x$\n$[N, C_{in}, H, W]$", 2.1, data),
-        ("GAP\n$[N, C_{in}]$", 1.3, branch),
-        ("FC, $C_{in}\\to h$\n(no bias)", 1.8, branch),
+        ("input $x$\n$[N, C_{\\mathrm{in}}, H, W]$", 2.1, data),
+        ("GAP\n$[N, C_{\\mathrm{in}}]$", 1.3, branch),
+        ("FC, $C_{\\mathrm{in}}\\to h$\n(no bias)", 1.8, branch),
         ("BN", 0.8, branch),
         ("ReLU", 0.9, branch),
-        ("$a$: $[N, h]$\n$h=\\max(C_{in}r, 16)$", 2.6, data),
+        ("$a$: $[N, h]$\n$h=\\max(C_{\\mathrm{in}}r, 16)$", 2.6, data),
     ]
     y0, height, gap = 7.35, 0.9, 0.38
     x = 0.15
@@ -942,8 +942,8 @@ def draw_odconv_attentions(
 
     # the four heads, fed by a bus from the hidden vector a
     heads = [
-        ("filter", "$\\alpha_f$: filter, $\\sigma$\nscales axis $C_{out}$"),
-        ("channel", "$\\alpha_c$: channel, $\\sigma$\nscales axis $C_{in}$"),
+        ("filter", "$\\alpha_f$: filter, $\\sigma$\nscales axis $C_{\\mathrm{out}}$"),
+        ("channel", "$\\alpha_c$: channel, $\\sigma$\nscales axis $C_{\\mathrm{in}}$"),
         ("spatial", "$\\alpha_s$: spatial, $\\sigma$\nscales axes $k\\times k$"),
         ("kernel", "$\\alpha_w$: kernel, softmax\nscales axis $n$"),
     ]
@@ -1028,8 +1028,9 @@ def draw_odconv_attentions(
             "$\\tilde W(x)=\\alpha_f\\odot\\alpha_c\\odot\\alpha_s\\odot"
             "\\sum_i\\alpha_{wi}W_i$", fontsize=9, va="center")  # fmt: skip
     ax.text(0.15, 2.35,
-            "kernel bank\n$[n, C_{out}, C_{in}/g, k, k]$\n"
-            "rows: $C_{out}$ filters\ncolumns: $C_{in}/g$ channels\n"
+            "kernel bank\n$[n, C_{\\mathrm{out}}, C_{\\mathrm{in}}/g, k, k]$\n"
+            "rows: $C_{\\mathrm{out}}$ filters\n"
+            "columns: $C_{\\mathrm{in}}/g$ channels\n"
             "cells: $k\\times k$ taps\n\none value of an attention\n"
             "scales its coloured part;\n$\\alpha_s,\\alpha_c,\\alpha_f$ are "
             "shared\nby the $n$ kernels",

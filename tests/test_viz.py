@@ -255,14 +255,14 @@ def test_odconv_attentions_diagram_labels_every_attention_and_its_axis():
     texts = [t.get_text() for t in fig.axes[0].texts]
     for head, axis in [
         (r"\alpha_s", r"axes $k\times k$"),
-        (r"\alpha_c", "axis $C_{in}$"),
-        (r"\alpha_f", "axis $C_{out}$"),
+        (r"\alpha_c", "axis $C_{\\mathrm{in}}$"),
+        (r"\alpha_f", "axis $C_{\\mathrm{out}}$"),
         (r"\alpha_w", "axis $n$"),
     ]:
         assert any(head in t and axis in t for t in texts), head
     for part in ("GAP", "BN", "ReLU", "FC"):
         assert any(part in t for t in texts), part
-    assert any("[n, C_{out}, C_{in}/g, k, k]" in t for t in texts)
+    assert any("[n, C_{\\mathrm{out}}, C_{\\mathrm{in}}/g, k, k]" in t for t in texts)
     assert any("softmax" in t and r"\alpha_w" in t for t in texts)
     assert "$W_n$" in texts and "$W_{1}$" in texts
 
