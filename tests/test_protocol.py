@@ -152,6 +152,7 @@ def test_run_protocol_is_reproducible_and_reports_every_seed():
         assert a.params == count_params(arms[first.index(a)].build())
         assert a.seconds_per_epoch > 0
         assert a.models == []  # not kept unless asked
+        assert a.dynamic == (a.name == "condconv")
 
 
 def test_run_protocol_calls_the_hook_before_every_step():
@@ -212,7 +213,8 @@ def test_results_table_and_plot():
     assert results[0].std == pytest.approx(0.1414213562)
     table = format_results(results)
     lines = table.splitlines()
-    assert len(lines) == 3 and "s/epoch" in lines[0]
+    assert len(lines) == 3 and "(s/epoch)" in lines[0]
+    assert lines[1].endswith("0.500 0.700 (0.25)")
     assert "0.600 ± 0.141" in lines[1] and "4k" in lines[2] and "2.1M" in lines[2]
     assert "s/epoch" not in format_results(results, timing=False)
     fig = plot_results(results, reference=0.5)
