@@ -43,6 +43,7 @@ __all__ = [
     #
     #
     # --- chapter 4: ODConv
+    "draw_odconv_attentions",
     #
     #
     # --- chapter 6: deformable convolution
@@ -1293,6 +1294,226 @@ def draw_dynamic_conv_diagram(
 
 
 # === chapter 4: ODConv diagrams ======================================================
+
+#: One colour per ODConv attention in :func:`draw_odconv_attentions` (three of them
+#: are roles of :data:`COLORS`).
+_OD_COLORS = {
+    "spatial": COLORS["kernel"],
+    "channel": COLORS["dynamic"],
+    "filter": COLORS["current"],
+    "kernel": "#e15759",
+}
+
+
+def _od_box(ax, x0, y0, width, height, text, *, color, edge="0.3"):
+    """A rounded box with lower-left corner ``(x0, y0)`` (data units), text centred."""
+    from matplotlib.patches import FancyBboxPatch
+
+    ax.add_patch(
+        FancyBboxPatch(
+            (x0, y0),
+            width,
+            height,
+            boxstyle="round,pad=0,rounding_size=0.12",
+            facecolor=color,
+            edgecolor=edge,
+            lw=1.0,
+        )
+    )
+    ax.text(x0 + width / 2, y0 + height / 2, text, ha="center", va="center",
+            fontsize=7.5)  # fmt: skip
+
+
+def _od_arrow(ax, start, end, color="0.25", lw=1.1):
+    ax.annotate(
+        "",
+        xy=end,
+        xytext=start,
+        arrowprops={"arrowstyle": "-|>", "color": color, "lw": lw, "shrinkA": 0,
+                    "shrinkB": 0, "mutation_scale": 8},
+    )  # fmt: skip
+
+
+def draw_odconv_attentions(
+    num_kernels: int = 3,
+    out_channels: int = 4,
+    in_channels: int = 3,
+    kernel_size: int = 3,
+):
+    """ODConv's four attentions and the axis of the kernel bank each one scales.
+
+    Li, Zhou, Yao, "Omni-Dimensional Dynamic Convolution", ICLR 2022; chapter 4.
+    Top: the one attention trunk of a layer, global average pooling, a fully
+    connected layer (a 1x1 convolution in the official code) to the hidden width
+    ``h``, BatchNorm and ReLU. Middle: its four heads, each a linear map of the
+    hidden vector squashed at temperature ``tau``: spatial ``alpha_s`` (``k x k``,
+    sigmoid), input channel ``alpha_c`` (``C_in``, sigmoid), filter ``alpha_f``
+    (``C_out``, sigmoid) and kernel-wise ``alpha_w`` (``n``, softmax). Bottom: the
+    kernel bank ``[n, C_out, C_in/g, k, k]`` drawn as ``n`` panels of ``C_out``
+    rows (filters) by ``C_in/g`` columns (input channels) of ``k x k`` taps; each
+    attention's colour marks what one of its values scales: one tap position in
+    every filter and channel (spatial), one column (channel), one row (filter),
+    one whole kernel (kernel-wise). As in the official code, the spatial, channel
+    and filter attentions are shared by the ``n`` kernels.
+
+    Args:
+        num_kernels, out_channels, in_channels, kernel_size: the sizes drawn
+            (``n``, ``C_out``, ``C_in/g``, ``k``); small values keep it legible.
+
+    Returns:
+        The ``matplotlib.figure.Figure`` (6.3 x 4.4 inches).
+
+    Raises:
+        ValueError: a size is not an integer in its drawable range
+            (``num_kernels`` 2 to 4, ``out_channels`` and ``in_channels`` 2 to 5,
+            ``kernel_size`` 2 to 4).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    limits = {
+        "num_kernels": (num_kernels, 2, 4),
+        "out_channels": (out_channels, 2, 5),
+        "in_channels": (in_channels, 2, 5),
+        "kernel_size": (kernel_size, 2, 4),
+    }
+    for name, (value, low, high) in limits.items():
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not low <= value <= high
+        ):
+            raise ValueError(
+                f"draw_odconv_attentions expected {name} an integer in "
+                f"[{low}, {high}], got {value!r}"
+            )
+    n, c_out, c_in, k = num_kernels, out_channels, in_channels, kernel_size
+    fig, ax = plt.subplots(figsize=(6.3, 4.4))
+    ax.set_xlim(0, 12.6)
+    ax.set_ylim(0, 8.8)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    data, branch = "#dbe9f6", "#fbe3c8"
+
+    # the shared trunk, left to right
+    trunk = [
+        ("input $x$\n$[N, C_{\\mathrm{in}}, H, W]$", 2.1, data),
+        ("GAP\n$[N, C_{\\mathrm{in}}]$", 1.3, branch),
+        ("FC, $C_{\\mathrm{in}}\\to h$\n(no bias)", 1.8, branch),
+        ("BN", 0.8, branch),
+        ("ReLU", 0.9, branch),
+        ("$a$: $[N, h]$\n$h=\\max(C_{\\mathrm{in}}r, 16)$", 2.6, data),
+    ]
+    y0, height, gap = 7.35, 0.9, 0.38
+    x = 0.15
+    ends = []
+    for text, width, color in trunk:
+        _od_box(ax, x, y0, width, height, text, color=color)
+        ends.append((x, x + width))
+        x += width + gap
+    for (_, right), (left, _) in zip(ends, ends[1:]):
+        _od_arrow(ax, (right, y0 + height / 2), (left, y0 + height / 2))
+    ax.text(0.15, y0 + height + 0.12, "one trunk per layer, shared by the four heads",
+            fontsize=8, va="bottom", style="italic")  # fmt: skip
+
+    # the four heads, fed by a bus from the hidden vector a
+    heads = [
+        ("filter", "$\\alpha_f$: filter, $\\sigma$\nscales axis $C_{\\mathrm{out}}$"),
+        ("channel", "$\\alpha_c$: channel, $\\sigma$\nscales axis $C_{\\mathrm{in}}$"),
+        ("spatial", "$\\alpha_s$: spatial, $\\sigma$\nscales axes $k\\times k$"),
+        ("kernel", "$\\alpha_w$: kernel, softmax\nscales axis $n$"),
+    ]
+    hy, hh, hw = 5.25, 0.95, 2.75
+    centres = [0.15 + hw / 2 + i * (hw + 0.4) for i in range(4)]
+    a_mid = (ends[-1][0] + ends[-1][1]) / 2
+    bus = 6.75
+    ax.plot([a_mid, a_mid], [y0, bus], color="0.25", lw=1.1)
+    span = [min(centres[0], a_mid), max(centres[-1], a_mid)]
+    ax.plot(span, [bus, bus], color="0.25", lw=1.1)
+    for (key, text), cx in zip(heads, centres):
+        _od_box(ax, cx - hw / 2, hy, hw, hh, text, color="white",
+                edge=_OD_COLORS[key])  # fmt: skip
+        _od_arrow(ax, (cx, bus), (cx, hy + hh))
+    ax.text(a_mid - 0.15, (y0 + bus) / 2, "heads: $z=W_*a+b_*$, $f(z/\\tau)$",
+            fontsize=7.5, va="center", ha="right", color="0.25")  # fmt: skip
+
+    # the kernel bank: n panels of c_out rows x c_in columns of k x k taps
+    cell, inner = 0.2, 0.12
+    group = k * cell
+    panel_w = c_in * group + (c_in - 1) * inner
+    panel_h = c_out * group + (c_out - 1) * inner
+    scale = min(1.0, 3.2 / panel_h, 9.4 / (n * panel_w + (n - 1) * 0.8))
+    cell, inner = cell * scale, inner * scale
+    group = k * cell
+    panel_w = c_in * group + (c_in - 1) * inner
+    panel_h = c_out * group + (c_out - 1) * inner
+    pgap = (9.4 - n * panel_w) / max(n - 1, 1)
+    pgap = min(pgap, 1.2)
+    left0 = 12.45 - n * panel_w - (n - 1) * pgap
+    bottom = 1.05
+    row_hl, col_hl, tap_hl = 0, 0, (0, k - 1)
+    lefts = [left0 + i * (panel_w + pgap) for i in range(n)]
+    for i, left in enumerate(lefts):
+        for o in range(c_out):
+            gy = bottom + (c_out - 1 - o) * (group + inner)
+            for c in range(c_in):
+                gx = left + c * (group + inner)
+                for a in range(k):
+                    for b in range(k):
+                        face = _OD_COLORS["spatial"] if (a, b) == tap_hl else "#f2f2f2"
+                        ax.add_patch(Rectangle(
+                            (gx + b * cell, gy + (k - 1 - a) * cell), cell, cell,
+                            facecolor=face, edgecolor="0.65", lw=0.4,
+                        ))  # fmt: skip
+        pad = 0.07
+        row_y = bottom + (c_out - 1 - row_hl) * (group + inner)
+        ax.add_patch(Rectangle(
+            (left - pad, row_y - pad), panel_w + 2 * pad, group + 2 * pad,
+            fill=False, edgecolor=_OD_COLORS["filter"], lw=1.6,
+        ))  # fmt: skip
+        col_x = left + col_hl * (group + inner)
+        ax.add_patch(Rectangle(
+            (col_x - pad, bottom - pad), group + 2 * pad, panel_h + 2 * pad,
+            fill=False, edgecolor=_OD_COLORS["channel"], lw=1.6,
+        ))  # fmt: skip
+        if i == n - 1:
+            ax.add_patch(Rectangle(
+                (left - 2.2 * pad, bottom - 2.2 * pad), panel_w + 4.4 * pad,
+                panel_h + 4.4 * pad, fill=False, edgecolor=_OD_COLORS["kernel"],
+                lw=1.6, ls="--",
+            ))  # fmt: skip
+        label = f"$W_{{{i + 1}}}$" if i < n - 1 else "$W_n$"
+        ax.text(left + panel_w / 2, bottom - 0.3, label, ha="center", va="top",
+                fontsize=9)  # fmt: skip
+    top = bottom + panel_h
+
+    # arrows from each head to what one of its values scales
+    row_y = bottom + (c_out - 1 - row_hl) * (group + inner) + group / 2
+    targets = {
+        "filter": (lefts[0] - 0.1, row_y),
+        "channel": (lefts[0] + group / 2, top + 0.1),
+        "spatial": (
+            lefts[min(1, n - 1)] + (tap_hl[1] + 0.5) * cell,
+            top - (tap_hl[0] + 0.5) * cell,
+        ),
+        "kernel": (lefts[-1] + panel_w / 2, top + 0.18),
+    }
+    for (key, _), cx in zip(heads, centres):
+        _od_arrow(ax, (cx, hy), targets[key], color=_OD_COLORS[key], lw=1.4)
+    ax.text(0.15, 0.3,
+            "$\\tilde W(x)=\\alpha_f\\odot\\alpha_c\\odot\\alpha_s\\odot"
+            "\\sum_i\\alpha_{wi}W_i$", fontsize=9, va="center")  # fmt: skip
+    ax.text(0.15, 2.35,
+            "kernel bank\n$[n, C_{\\mathrm{out}}, C_{\\mathrm{in}}/g, k, k]$\n"
+            "rows: $C_{\\mathrm{out}}$ filters\n"
+            "columns: $C_{\\mathrm{in}}/g$ channels\n"
+            "cells: $k\\times k$ taps\n\none value of an attention\n"
+            "scales its coloured part;\n$\\alpha_s,\\alpha_c,\\alpha_f$ are "
+            "shared\nby the $n$ kernels",
+            fontsize=7.5, va="center", color="0.2", linespacing=1.25)  # fmt: skip
+    ax.set_title("ODConv: four attentions from one trunk, one per axis of the bank",
+                 fontsize=10)  # fmt: skip
+    return fig
 
 
 # (end of chapter 4 diagrams)

@@ -434,6 +434,86 @@ def test_dynamic_conv_diagram_errors(kwargs, error, message):
 # === chapter 4: ODConv diagrams ======================================================
 
 
+def _text_boxes(fig):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return [
+        (t.get_text(), t.get_window_extent(renderer))
+        for t in fig.axes[0].texts
+        if t.get_text()
+    ]
+
+
+def test_odconv_attentions_diagram_labels_every_attention_and_its_axis():
+    fig = viz.draw_odconv_attentions()
+    assert fig.get_figwidth() <= 6.3
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for head, axis in [
+        (r"\alpha_s", r"axes $k\times k$"),
+        (r"\alpha_c", "axis $C_{\\mathrm{in}}$"),
+        (r"\alpha_f", "axis $C_{\\mathrm{out}}$"),
+        (r"\alpha_w", "axis $n$"),
+    ]:
+        assert any(head in t and axis in t for t in texts), head
+    for part in ("GAP", "BN", "ReLU", "FC"):
+        assert any(part in t for t in texts), part
+    assert any("[n, C_{\\mathrm{out}}, C_{\\mathrm{in}}/g, k, k]" in t for t in texts)
+    assert any("softmax" in t and r"\alpha_w" in t for t in texts)
+    assert "$W_n$" in texts and "$W_{1}$" in texts
+
+
+def test_odconv_attentions_diagram_texts_do_not_overlap_and_fit():
+    fig = viz.draw_odconv_attentions()
+    boxes = _text_boxes(fig)
+    figure_box = fig.bbox
+    for i, (text, box) in enumerate(boxes):
+        assert figure_box.contains(box.x0, box.y0), text
+        assert figure_box.contains(box.x1, box.y1), text
+        for other, other_box in boxes[i + 1 :]:
+            assert not box.overlaps(other_box), (text, other)
+
+
+def test_odconv_attentions_diagram_draws_the_bank_it_is_asked_for():
+    from matplotlib.patches import Rectangle
+
+    colour = matplotlib.colors.to_rgba(viz.COLORS["kernel"])  # the spatial colour
+    for n, c_out, c_in, k in [(3, 4, 3, 3), (2, 2, 5, 2), (4, 5, 2, 4)]:
+        fig = viz.draw_odconv_attentions(n, c_out, c_in, k)
+        cells = [
+            p for p in fig.axes[0].patches if type(p) is Rectangle and p.get_fill()
+        ]
+        # one cell per tap of every kernel, filter and channel; one tap position
+        # per k x k grid carries the spatial attention's colour
+        assert len(cells) == n * c_out * c_in * k * k
+        marked = [p for p in cells if p.get_facecolor() == colour]
+        assert len(marked) == n * c_out * c_in
+        labels = [t.get_text() for t in fig.axes[0].texts]
+        assert [f"$W_{{{i}}}$" for i in range(1, n)] + ["$W_n$"] == [
+            t for t in labels if t.startswith("$W_")
+        ]
+        plt.close(fig)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name, shown",
+    [
+        ({"num_kernels": 1}, "num_kernels", "1"),
+        ({"num_kernels": 5}, "num_kernels", "5"),
+        ({"out_channels": 6}, "out_channels", "6"),
+        ({"in_channels": 2.0}, "in_channels", "2.0"),
+        ({"kernel_size": True}, "kernel_size", "True"),
+        ({"kernel_size": 1}, "kernel_size", "1"),
+    ],
+)
+def test_odconv_attentions_diagram_rejects_undrawable_sizes(kwargs, name, shown):
+    with pytest.raises(
+        ValueError,
+        match=rf"^draw_odconv_attentions expected {name} an integer in \[\d, \d\], "
+        rf"got {shown}$",
+    ):
+        viz.draw_odconv_attentions(**kwargs)
+
+
 # (end of chapter 4 diagram tests)
 
 
