@@ -79,8 +79,8 @@ __all__ = [
 ]
 
 #: Parameter counts in millions printed by the ODConv authors for ResNet-50 on
-#: ImageNet (README of OSVAI/ODConv, table "ResNet50"; the paper prints the same
-#: totals). Precision: two decimals.
+#: ImageNet (README of OSVAI/ODConv, table "ResNet50"; the paper's totals,
+#: read second-hand, agree). Precision: two decimals.
 PUBLISHED_RESNET50_PARAMS = {
     "ResNet-50": 25.56,
     "+ ODConv (1x)": 28.64,
@@ -1325,7 +1325,7 @@ def dcnv2_resnet50(
 
 # --- the published counts, with their provenance (chapter 8) -------------------------
 
-_ODCONV_README = "README of OSVAI/ODConv (ImageNet table; the paper prints the same)"
+_ODCONV_README = "README of OSVAI/ODConv (ImageNet table; the paper's totals, read second-hand, agree)"
 _ODCONV_PAPER = (
     "ODConv paper (Li, Zhou, Yao, ICLR 2022), comparison table; second-hand, not "
     "checked against the paper's text"
