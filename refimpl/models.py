@@ -1325,7 +1325,10 @@ def dcnv2_resnet50(
 
 # --- the published counts, with their provenance (chapter 8) -------------------------
 
-_ODCONV_README = "README of OSVAI/ODConv (ImageNet table; the paper's totals, read second-hand, agree)"
+_ODCONV_README = (
+    "README of OSVAI/ODConv (ImageNet table; the paper's totals, read "
+    "second-hand, agree)"
+)
 _ODCONV_PAPER = (
     "ODConv paper (Li, Zhou, Yao, ICLR 2022), comparison table; second-hand, not "
     "checked against the paper's text"
