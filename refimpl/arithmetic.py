@@ -12,8 +12,8 @@ arXiv:1603.07285) in the form PyTorch documents for ``nn.Conv2d`` and
 * :func:`conv2d_fft`: the convolution theorem, a product of spectra.
 
 They take the arguments of ``F.conv2d`` (sizes as ints or pairs; string padding
-such as ``"same"`` is not accepted) and are proven equal to it in float64 by the
-tests.
+such as ``"same"`` is not accepted); the tests check numerically that they equal it
+in float64.
 """
 
 from __future__ import annotations
@@ -71,14 +71,16 @@ def conv_output_size(
 
     .. math::
 
-        o = \left\lfloor \frac{i + 2p - d(k - 1) - 1}{s} \right\rfloor + 1,
+        H_{\text{out}} = \left\lfloor \frac{H + 2p - d(k - 1) - 1}{s} \right\rfloor
+        + 1,
 
     which is relationship 15 of Dumoulin and Visin, "A guide to convolution
-    arithmetic for deep learning" (2016, arXiv:1603.07285); with ``d = 1`` it is the
-    familiar :math:`(i - k + 2p)/s + 1`. Chapter 1 derives it.
+    arithmetic for deep learning" (2016, arXiv:1603.07285), who write ``i`` and
+    ``o`` for the sizes; with ``d = 1`` it is the familiar
+    :math:`(H - k + 2p)/s + 1`. Chapter 1 derives it.
 
     Args:
-        size: input size ``i``, an int or a pair ``(H, W)``.
+        size: input size ``H``, an int or a pair ``(H, W)``.
         kernel_size: kernel size ``k``, int or pair.
         stride: stride ``s`` >= 1, int or pair.
         padding: zero padding ``p`` >= 0 on each side, int or pair.
@@ -90,7 +92,7 @@ def conv_output_size(
     Raises:
         TypeError: if an argument is not an int or a pair of ints.
         ValueError: if a size is not positive (padding negative) or the dilated
-            kernel ``d(k - 1) + 1`` is larger than the padded input ``i + 2p``.
+            kernel ``d(k - 1) + 1`` is larger than the padded input ``H + 2p``.
     """
     owner = "conv_output_size"
     i = pair(size, "size", owner=owner)
@@ -125,20 +127,21 @@ def conv_transpose_output_size(
 
     .. math::
 
-        o' = (i' - 1)s - 2p + d(k - 1) + a + 1,
+        H'_{\text{out}} = (H' - 1)s - 2p + d(k - 1) + q + 1,
 
-    with ``a = output_padding``. A strided convolution maps the ``s`` input sizes
-    ``i, i + 1, ..., i + s - 1`` to one output size; ``a`` picks which of them the
-    transposed convolution returns (relationship 14 of Dumoulin and Visin, 2016,
-    arXiv:1603.07285, for ``d = 1``). Chapter 1 derives it.
+    with ``q = output_padding`` (the guide's ``a``). A strided convolution maps the
+    ``s`` input sizes ``H, H + 1, ..., H + s - 1`` to one output size; ``q`` picks
+    which of them the transposed convolution returns (relationship 14 of Dumoulin
+    and Visin, 2016, arXiv:1603.07285, for ``d = 1``; the guide gives no dilated
+    form). Chapter 1 derives it.
 
     Args:
-        size: input size ``i'`` of the transposed convolution, int or pair.
+        size: input size ``H'`` of the transposed convolution, int or pair.
         kernel_size: kernel size ``k``, int or pair.
         stride: stride ``s`` >= 1, int or pair.
         padding: padding ``p`` >= 0 of the convolution being transposed.
-        output_padding: extra size ``a`` >= 0 added at the bottom/right; PyTorch
-            requires ``a < max(s, d)``.
+        output_padding: extra size ``q`` >= 0 added at the bottom/right; PyTorch
+            requires ``q < max(s, d)``.
         dilation: dilation ``d`` >= 1, int or pair.
 
     Returns:
@@ -375,15 +378,16 @@ def conv2d_loops(
 ) -> Tensor:
     r"""2-D cross-correlation by its definition, one output pixel at a time.
 
-    For output channel ``o`` in group ``g = o // (C_out / groups)`` and output
-    pixel ``(i, j)``:
+    For sample ``j``, output channel ``o`` in group
+    ``gamma = o // (C_out / groups)`` and output pixel ``(h, w)``, with kernel taps
+    ``(a, b)``:
 
     .. math::
 
-        y[n, o, i, j] = b[o] + \sum_{c, u, v} w[o, c, u, v]\,
-        \tilde x[n, g C_g + c, i s_h + u d_h, j s_w + v d_w],
+        y[j, o, h, w] = \mathrm{bias}[o] + \sum_{c, a, b} W[o, c, a, b]\,
+        \tilde x[j, \gamma C_g + c, h s_H + a d_H, w s_W + b d_W],
 
-    with :math:`C_g = C_{in} / \mathrm{groups}` and :math:`\tilde x` the
+    with :math:`C_g = C_{\text{in}} / g` and :math:`\tilde x` the
     zero-padded input. This is what
     ``torch.nn.functional.conv2d`` computes: the kernel is *not* flipped. It is the
     slow, obviously right reference the other implementations are tested against
@@ -414,16 +418,16 @@ def conv2d_loops(
     y = x.new_zeros(x.shape[0], c_out, h_out, w_out)
     for o in range(c_out):
         c0 = (o // out_per_group) * c_in_g  # first input channel of o's group
-        for i in range(h_out):
-            for j in range(w_out):
-                # the kH x kW taps that output pixel (i, j) sees, d apart
+        for h in range(h_out):
+            for w in range(w_out):
+                # the kH x kW taps that output pixel (h, w) sees, d apart
                 patch = xp[
                     :,
                     c0 : c0 + c_in_g,
-                    i * sh : i * sh + dh * (kh - 1) + 1 : dh,
-                    j * sw : j * sw + dw * (kw - 1) + 1 : dw,
+                    h * sh : h * sh + dh * (kh - 1) + 1 : dh,
+                    w * sw : w * sw + dw * (kw - 1) + 1 : dw,
                 ]
-                y[:, o, i, j] = (patch * weight[o]).sum(dim=(1, 2, 3))
+                y[:, o, h, w] = (patch * weight[o]).sum(dim=(1, 2, 3))
     if bias is not None:
         y = y + bias.reshape(1, c_out, 1, 1)
     return y
@@ -472,7 +476,7 @@ def conv2d_unfold(
     h_out, w_out = conv_output_size(
         tuple(x.shape[2:]), (kh, kw), stride, padding, dilation
     )
-    # rows of the patch matrix run over (channel, u, v), channel outermost, so
+    # rows of the patch matrix run over (channel, a, b), channel outermost, so
     # the rows of one group are contiguous
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
     cols = cols.reshape(n, groups, c_in_g * kh * kw, h_out * w_out)

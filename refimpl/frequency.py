@@ -3,8 +3,9 @@
 Chapter 1 introduces the vocabulary (a kernel is a filter with a frequency
 response; box and Gaussian kernels are low-pass, Laplacian and Sobel kernels
 suppress the lowest frequencies) and chapter 7 (FDConv) builds on it: FDConv
-learns kernels in the Fourier domain and modulates feature maps band by band
-with the masks defined here.
+stores its weights as the spectrum of the reshaped ``(C_out k) x (C_in k)`` weight
+matrix and modulates feature maps in square (Chebyshev) frequency bands, the
+``square=True`` masks defined here.
 
 Frequencies are in cycles per sample, in ``[-0.5, 0.5)`` along each axis, laid
 out as ``torch.fft.fftfreq`` lays them out (DC first). ``centered=True`` moves
@@ -40,13 +41,15 @@ def frequency_response(
 
     .. math::
 
-        |K[\mu, \nu]| = \Bigl| \sum_{u, v} w[u, v]\,
-        e^{-2\pi i (\mu u / H + \nu v / W)} \Bigr|.
+        |\hat W(u, v)| = \Bigl| \sum_{a, b} W[a, b]\,
+        e^{-2\pi \mathrm{i} (u a / H + v b / W)} \Bigr|,
+
+    with kernel taps ``(a, b)`` and frequency indices ``(u, v)``.
 
     Zero padding samples the kernel's continuous spectrum on a finer grid; it
     adds no information. The magnitude does not depend on where the kernel sits
     in the padded frame, so the origin convention does not matter. At DC
-    (``mu = nu = 0``) the response is the sum of the weights: the gain on a
+    (``u = v = 0``) the response is the sum of the weights: the gain on a
     constant image. Chapter 1 derives it; chapter 7 reuses it.
 
     Args:

@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._conv import Conv2dBase
 from ._validation import check_positive_int
 from .toy import (
     DenoisingData,
@@ -108,8 +109,10 @@ class Task:
     Attributes:
         kind: ``"textures"``, ``"denoising"`` or ``"segmentation"``.
         data: the task's data set (a :mod:`refimpl.toy` data class).
-        epochs, lr, batch_size: the training protocol (Adam, cosine decay of
-            ``lr`` to zero, shuffling by the seed's generator).
+        epochs: passes over the training set.
+        lr: the initial Adam learning rate, decayed to zero along a cosine.
+        batch_size: samples per step (batches are shuffled by the seed's
+            generator).
     """
 
     kind: str
@@ -148,7 +151,8 @@ class Task:
 
     @property
     def num_outputs(self) -> int:
-        """Classes, or image channels for denoising: what a network must output."""
+        """The number of classes (image channels for denoising) a network
+        must output."""
         if self.kind == "denoising":
             return self.data.test_y.shape[1]
         return self.data.num_classes
@@ -235,6 +239,10 @@ class ArmResult:
         seconds_per_epoch: mean wall-clock seconds per training epoch (machine
             dependent).
         metric: the name of the score.
+        dynamic: whether the network has a dynamic layer (an operator of
+            ``refimpl``); plots colour static and dynamic arms apart.
+        models: the trained networks, one per seed, when :func:`run_protocol`
+            was asked to keep them (``keep_models=True``); empty otherwise.
     """
 
     name: str
@@ -243,6 +251,8 @@ class ArmResult:
     scores: list[float]
     seconds_per_epoch: float
     metric: str
+    dynamic: bool = False
+    models: list[nn.Module] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def mean(self) -> float:
@@ -278,6 +288,11 @@ def count_macs(
     algorithm (mix, then one convolution), so by default every module with an
     ``algorithm`` attribute is counted with ``algorithm="grouped"``; pass
     ``algorithm=None`` to count what the layers would run.
+
+    DDF's filtering is elementwise work the counter does not see, but it is the
+    layer's convolution: one multiply-add per tap, channel and output pixel, as a
+    depthwise convolution (chapter 5), which is added for every
+    :class:`refimpl.ddf.DDFConv2d` (as :mod:`refimpl.bench` does).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -287,8 +302,21 @@ def count_macs(
         raise TypeError(
             f"count_macs expected example to be a Tensor, got {type(example).__name__}"
         )
+    from .ddf import DDFConv2d  # imported here: chapter 5 builds on this module
+
     was_training = model.training
     banks = [m for m in model.modules() if hasattr(m, "algorithm")]
+    taps = [0]
+
+    def count_taps(module, inputs, output):
+        # output: Tensor[N, C, H_out, W_out]; one multiply-add per tap and element
+        taps[0] += output.numel() * module.kernel_size[0] * module.kernel_size[1]
+
+    hooks = [
+        m.register_forward_hook(count_taps)
+        for m in model.modules()
+        if isinstance(m, DDFConv2d)
+    ]
     chosen = [m.algorithm for m in banks]
     model.eval()
     counter = FlopCounterMode(display=False)
@@ -302,7 +330,9 @@ def count_macs(
         model.train(was_training)
         for m, a in zip(banks, chosen):
             m.algorithm = a
-    return counter.get_total_flops() // 2
+        for hook in hooks:
+            hook.remove()
+    return counter.get_total_flops() // 2 + taps[0]
 
 
 def match_width(
@@ -371,6 +401,7 @@ def run_protocol(
     *,
     device: torch.device | str | None = None,
     threads: int | None = 1,
+    keep_models: bool = False,
 ) -> list[ArmResult]:
     """Train every arm once per seed on ``task`` and collect the scores.
 
@@ -386,6 +417,8 @@ def run_protocol(
         device: where to train; the device of ``task.example`` by default.
         threads: CPU threads during training (tiny networks run faster on one;
             ``None`` keeps the current setting). Restored afterwards.
+        keep_models: keep every trained network in :attr:`ArmResult.models`
+            (to look inside them afterwards); by default they are dropped.
 
     Returns:
         One :class:`ArmResult` per arm, in the order of ``arms``.
@@ -413,7 +446,7 @@ def run_protocol(
             probe = arm.build()
             result = ArmResult(
                 arm.name, count_params(probe), count_macs(probe, example), [], 0.0,
-                task.metric,
+                task.metric, any(isinstance(m, Conv2dBase) for m in probe.modules()),
             )  # fmt: skip
             seconds = 0.0
             for seed in seeds:
@@ -423,6 +456,8 @@ def run_protocol(
                 start = time.perf_counter()
                 result.scores.append(task.fit(model, generator, arm.hook))
                 seconds += time.perf_counter() - start
+                if keep_models:
+                    result.models.append(model)
             result.seconds_per_epoch = seconds / (len(seeds) * task.epochs)
             results.append(result)
     finally:
@@ -448,20 +483,22 @@ def format_results(
     if not results:
         raise ValueError("format_results expected at least one result")
     width = max(len(r.name) for r in results)
-    metric = results[0].metric
-    score = metric + " mean ± std"
-    header = f"{'arm':<{width}}  {'params':>7}  {'MACs':>7}  {score:>24}  seeds"
+    scores = [f"{r.mean:.{digits}f} ± {r.std:.{digits}f}" for r in results]
+    label = f"{results[0].metric}, mean ± std"
+    score_width = max(len(label), *(len(t) for t in scores))
+    header = f"{'arm':<{width}}  {'params':>6}  {'MACs':>6}  {label:>{score_width}}"
+    header += "  seeds"
     if timing:
-        header += "  s/epoch"
+        header += " (s/epoch)"
     lines = [header]
-    for r in results:
+    for r, score in zip(results, scores):
         seeds = " ".join(f"{s:.{digits}f}" for s in r.scores)
         line = (
-            f"{r.name:<{width}}  {_si(r.params):>7}  {_si(r.macs):>7}  "
-            f"{f'{r.mean:.{digits}f} ± {r.std:.{digits}f}':>24}  {seeds}"
+            f"{r.name:<{width}}  {_si(r.params):>6}  {_si(r.macs):>6}  "
+            f"{score:>{score_width}}  {seeds}"
         )
         if timing:
-            line += f"  {r.seconds_per_epoch:.2f}"
+            line += f" ({r.seconds_per_epoch:.2f})"
         lines.append(line)
     return "\n".join(lines)
 
@@ -469,7 +506,9 @@ def format_results(
 def plot_results(
     results: Sequence[ArmResult], ax=None, *, reference: float | None = None
 ):
-    """Every seed's score as a dot and the mean ± std as a bar, one row per arm.
+    """Every seed's score as a cross and the mean ± std as a dot with an error bar,
+    one row per arm (dynamic arms in :data:`refimpl.viz.COLORS` ``"dynamic"``,
+    static ones in ``"static"``).
 
     No bars start from an arbitrary axis origin: each row shows the raw scores, so
     the spread is as visible as the gaps between arms. ``reference`` draws a
@@ -485,11 +524,13 @@ def plot_results(
     if not results:
         raise ValueError("plot_results expected at least one result")
     if ax is None:
-        fig, ax = plt.subplots(figsize=(6.3, 0.45 * len(results) + 1.0))
+        fig, ax = plt.subplots(
+            figsize=(6.3, 0.45 * len(results) + 1.0), layout="constrained"
+        )
     else:
         fig = ax.figure
     for row, r in enumerate(results):
-        color = COLORS["static"] if r.name.startswith("static") else COLORS["dynamic"]
+        color = COLORS["dynamic"] if r.dynamic else COLORS["static"]
         ax.errorbar(r.mean, row, xerr=r.std, fmt="o", color=color, capsize=4, ms=7)
         ax.plot(r.scores, [row] * len(r.scores), "x", color="0.3", ms=6)
     if reference is not None:
@@ -497,5 +538,4 @@ def plot_results(
     ax.set_yticks(range(len(results)), [r.name for r in results])
     ax.invert_yaxis()
     ax.set_xlabel(f"{results[0].metric} (o: mean ± std over seeds, x: each seed)")
-    fig.tight_layout()
     return fig

@@ -30,6 +30,7 @@ __all__ = [
     "plot_frequency_partition",
     "draw_fdconv_diagram",
     # --- chapter 1: arithmetic
+    "draw_transposed_convolution",
     #
     #
     # --- chapter 2: CondConv
@@ -801,6 +802,166 @@ def draw_fdconv_diagram():
 
 
 # === chapter 1: arithmetic diagrams ==================================================
+
+
+def draw_transposed_convolution(
+    input_size: int = 3,
+    kernel_size: int = 3,
+    stride: int = 2,
+    padding: int = 1,
+    output_padding: int = 0,
+    *,
+    position: tuple[int, int] = (0, 0),
+):
+    """A transposed convolution drawn as zero insertion plus a plain convolution.
+
+    Dumoulin and Visin ("A guide to convolution arithmetic for deep learning",
+    2016, arXiv:1603.07285, relationships 12 to 14) show that the transpose of a
+    convolution with kernel ``k``, stride ``s`` and padding ``p`` equals a
+    stride-1 convolution with the flipped kernel over a *stretched* input: ``s - 1``
+    zeros inserted between neighbouring input pixels, ``k - p - 1`` zeros of
+    padding on every side and ``output_padding`` (the guide's ``a``) more at the
+    bottom and right. Left: the input of the transposed layer. Middle: the
+    stretched, padded input with the ``k x k`` taps that output pixel ``position``
+    reads. Right: the output, of size ``(H - 1)s - 2p + k + output_padding``
+    (:func:`refimpl.arithmetic.conv_transpose_output_size`). Chapter 1 draws it
+    and checks the equivalence numerically against ``F.conv_transpose2d``.
+
+    Args:
+        input_size: side ``H`` of the square input of the transposed layer.
+        kernel_size: side ``k`` of the square kernel.
+        stride: stride ``s`` of the convolution being transposed.
+        padding: its padding ``p``, at most ``k - 1`` so that the equivalent
+            padding ``k - p - 1`` is not negative.
+        output_padding: extra rows and columns at the bottom and right, below
+            ``stride``.
+        position: ``(row, column)`` of the output pixel whose taps are drawn.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        TypeError: if a size is not an int.
+        ValueError: if a size is out of range, ``padding > kernel_size - 1``,
+            ``output_padding >= stride`` or ``position`` lies outside the output.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    from ._validation import check_positive_int
+    from .arithmetic import conv_transpose_output_size
+
+    owner = "draw_transposed_convolution"
+    h = check_positive_int(input_size, "input_size", owner=owner)
+    k = check_positive_int(kernel_size, "kernel_size", owner=owner)
+    s = check_positive_int(stride, "stride", owner=owner)
+    p = check_positive_int(padding, "padding", owner=owner, minimum=0)
+    a = check_positive_int(output_padding, "output_padding", owner=owner, minimum=0)
+    if p > k - 1:
+        raise ValueError(
+            f"{owner} expected padding <= kernel_size - 1 = {k - 1} (the equivalent "
+            f"convolution pads k - p - 1 >= 0), got padding={p}"
+        )
+    if a >= s:
+        raise ValueError(
+            f"{owner} expected output_padding < stride = {s}, got output_padding={a}"
+        )
+    h_out = conv_transpose_output_size(h, k, s, p, a)
+    row, col = position
+    if not (0 <= row < h_out and 0 <= col < h_out):
+        raise ValueError(
+            f"{owner} expected position inside the {h_out}x{h_out} output, got "
+            f"{position}"
+        )
+    pad = k - p - 1
+    stretched = (h - 1) * s + 1
+    big = stretched + 2 * pad + a  # = h_out + k - 1
+    gap = 2.0
+    x_mid = h + gap
+    x_out = x_mid + big + gap
+    total = x_out + h_out
+    width = min(6.3, 0.27 * total + 0.5)
+    fig, ax = plt.subplots(figsize=(width, 0.27 * big + 1.9))
+
+    def cell(x, y, face, edge="white", **kwargs):
+        ax.add_patch(Rectangle((x, y), 1, 1, facecolor=face, edgecolor=edge, **kwargs))
+
+    top_in = (big - h) / 2
+    for r in range(h):
+        for c in range(h):
+            cell(c, top_in + r, COLORS["input"])
+    inserted = {"facecolor": "white", "edgecolor": "0.6", "linewidth": 0.6}
+    for r in range(big):
+        for c in range(big):
+            rr, cc = r - pad, c - pad
+            on_grid = 0 <= rr < stretched and 0 <= cc < stretched
+            if on_grid and rr % s == 0 and cc % s == 0:
+                cell(x_mid + c, r, COLORS["input"])
+            elif on_grid:
+                ax.add_patch(Rectangle((x_mid + c, r), 1, 1, **inserted))
+            elif r >= big - a or c >= big - a:
+                cell(x_mid + c, r, COLORS["padding"], hatch="///")
+            else:
+                cell(x_mid + c, r, COLORS["padding"])
+    for u in range(k):
+        for v in range(k):
+            ax.add_patch(
+                Rectangle(
+                    (x_mid + col + v + 0.12, row + u + 0.12),
+                    0.76,
+                    0.76,
+                    facecolor=COLORS["kernel"],
+                    edgecolor="black",
+                    linewidth=0.8,
+                )
+            )
+    top_out = (big - h_out) / 2
+    for r in range(h_out):
+        for c in range(h_out):
+            current = (r, c) == (row, col)
+            cell(
+                x_out + c,
+                top_out + r,
+                COLORS["current"] if current else COLORS["output"],
+                edge="black" if current else "white",
+            )
+    for x0, x1 in ((h + 0.25, x_mid - 0.25), (x_mid + big + 0.25, x_out - 0.25)):
+        ax.annotate(
+            "",
+            xy=(x1, big / 2),
+            xytext=(x0, big / 2),
+            arrowprops={"arrowstyle": "->", "color": "0.25", "lw": 1.2},
+        )
+    below = big + 0.6
+    captions = [
+        (h / 2, f"input\n{h}x{h}"),
+        (
+            x_mid + big / 2,
+            f"stretched and padded, {big}x{big}:\ns-1={s - 1} zero(s) between pixels,\n"
+            f"k-p-1={pad} pad, output_padding={a}",
+        ),
+        (x_out + h_out / 2, f"output\n{h_out}x{h_out}"),
+    ]
+    for x, text in captions:
+        ax.text(x, below, text, ha="center", va="top", fontsize=8)
+    ax.set_xlim(-0.3, total + 0.3)
+    ax.set_ylim(big + 2.7, -0.3)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    fig.suptitle(
+        f"Transposed conv (k={k}, s={s}, p={p}) = stride-1 conv with the\n"
+        f"flipped kernel over the stretched input"
+    )
+    handles = [
+        Patch(facecolor=COLORS["input"], label="input pixel"),
+        Patch(label="inserted zero", **inserted),
+        Patch(facecolor=COLORS["padding"], label="zero padding"),
+        Patch(facecolor=COLORS["padding"], hatch="///", label="output_padding"),
+        Patch(facecolor=COLORS["kernel"], edgecolor="black", label="flipped kernel"),
+        Patch(facecolor=COLORS["current"], edgecolor="black", label="current output"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8)
+    return fig
 
 
 # (end of chapter 1 diagrams)

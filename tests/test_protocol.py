@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from refimpl.condconv import CondConv2d
+from refimpl.ddf import DDFConv2d
 from refimpl.dynamic_conv import DynamicConv2d, set_temperature
 from refimpl.protocol import (
     HARD_TEXTURES,
@@ -30,6 +31,7 @@ from refimpl.toy import (
     TinyCNN,
     TinyDenoiser,
     TinySegmenter,
+    evaluate,
     make_frequency_segmentation,
     make_oriented_textures,
     make_patchwork_denoising,
@@ -76,6 +78,17 @@ def test_count_macs_counts_kernel_mixing_and_restores_the_algorithm():
     layer.train()
     count_macs(layer, x)
     assert layer.training
+
+
+def test_count_macs_counts_ddf_filtering_as_a_depthwise_convolution():
+    layer = DDFConv2d(8, 3)  # hidden width of the channel branch: floor(0.2 * 8) = 1
+    x = torch.randn(2, 8, 6, 6)
+    depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+    assert count_macs(depthwise, x) == 2 * 8 * 9 * 36
+    spatial_branch = 8 * 9 * 36  # 1x1 convolution to k^2 filter taps per pixel
+    channel_branch = 8 * 1 + 1 * 8 * 9  # two linear layers per sample
+    filtering = 8 * 9 * 36  # as a depthwise convolution
+    assert count_macs(layer, x) == 2 * (spatial_branch + channel_branch + filtering)
 
 
 def test_count_macs_leaves_batchnorm_statistics_alone():
@@ -138,6 +151,8 @@ def test_run_protocol_is_reproducible_and_reports_every_seed():
         assert all(0 <= s <= 1 for s in a.scores)
         assert a.params == count_params(arms[first.index(a)].build())
         assert a.seconds_per_epoch > 0
+        assert a.models == []  # not kept unless asked
+        assert a.dynamic == (a.name == "condconv")
 
 
 def test_run_protocol_calls_the_hook_before_every_step():
@@ -149,7 +164,11 @@ def test_run_protocol_calls_the_hook_before_every_step():
         set_temperature(model, 1.0)
 
     arm = Arm("dy", lambda: TinyCNN(DynamicConv2d, num_classes=4, width=4), hook)
-    run_protocol([arm], task, seeds=(0,))
+    (result,) = run_protocol([arm], task, seeds=(0,), keep_models=True)
+    (model,) = result.models
+    # the kept network is the trained one: it scores what the protocol recorded
+    accuracy = evaluate(model, task.data.test_x, task.data.test_y)
+    assert accuracy == result.scores[0]
     # 48 images in batches of 16: three steps per epoch
     assert progress == pytest.approx([0, 1 / 3, 2 / 3, 1, 4 / 3, 5 / 3])
 
@@ -194,7 +213,8 @@ def test_results_table_and_plot():
     assert results[0].std == pytest.approx(0.1414213562)
     table = format_results(results)
     lines = table.splitlines()
-    assert len(lines) == 3 and "s/epoch" in lines[0]
+    assert len(lines) == 3 and "(s/epoch)" in lines[0]
+    assert lines[1].endswith("0.500 0.700 (0.25)")
     assert "0.600 ± 0.141" in lines[1] and "4k" in lines[2] and "2.1M" in lines[2]
     assert "s/epoch" not in format_results(results, timing=False)
     fig = plot_results(results, reference=0.5)

@@ -221,6 +221,60 @@ def test_frequency_partition_plot_errors(partition, message):
 # === chapter 1: arithmetic diagrams ==================================================
 
 
+@pytest.mark.parametrize(
+    "h, k, s, p, a",
+    [(3, 3, 2, 1, 0), (3, 3, 2, 1, 1), (2, 4, 3, 2, 2), (4, 3, 1, 0, 0)],
+)
+def test_transposed_convolution_diagram_counts_cells(h, k, s, p, a):
+    fig = viz.draw_transposed_convolution(h, k, s, p, a, position=(0, 1))
+    assert fig.get_size_inches()[0] <= 6.3
+    ax = fig.axes[0]
+    # the output size from the guide's relationship 14, not from refimpl
+    h_out = s * (h - 1) + a + k - 2 * p
+    texts = [t.get_text() for t in ax.texts]
+    assert f"input\n{h}x{h}" in texts and f"output\n{h_out}x{h_out}" in texts
+    assert any(f"k-p-1={k - p - 1} pad" in t for t in texts)
+    assert any(f"s-1={s - 1} zero(s) between pixels" in t for t in texts)
+    big = h_out + k - 1  # a stride-1 convolution with kernel k gives h_out
+    faces = [patch.get_facecolor() for patch in ax.patches]
+    white = matplotlib.colors.to_rgba("white")
+    stretched = s * (h - 1) + 1
+    assert faces.count(white) == stretched**2 - h**2  # inserted zeros
+    hatched = [patch for patch in ax.patches if patch.get_hatch()]
+    assert len(hatched) == big**2 - (big - a) ** 2  # output_padding cells
+    # input, stretched grid, kernel taps, output
+    assert len(ax.patches) == h * h + big * big + k * k + h_out * h_out
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == [
+        "input pixel",
+        "inserted zero",
+        "zero padding",
+        "output_padding",
+        "flipped kernel",
+        "current output",
+    ]
+    assert "stride-1 conv" in fig._suptitle.get_text()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(padding=3), r"expected padding <= kernel_size - 1 = 2"),
+        (dict(output_padding=2), r"expected output_padding < stride = 2"),
+        (dict(position=(5, 0)), r"expected position inside the 5x5 output"),
+        (dict(stride=0), r"expected stride >= 1"),
+    ],
+)
+def test_transposed_convolution_diagram_errors(kwargs, message):
+    with pytest.raises(ValueError, match=r"^draw_transposed_convolution " + message):
+        viz.draw_transposed_convolution(3, 3, **{"stride": 2, "padding": 1, **kwargs})
+
+
+def test_transposed_convolution_diagram_rejects_non_int():
+    with pytest.raises(TypeError, match=r"^draw_transposed_convolution expected"):
+        viz.draw_transposed_convolution(3.0)
+
+
 # (end of chapter 1 diagram tests)
 
 
