@@ -17,9 +17,9 @@ Three tiers compute the same thing:
   :func:`refimpl.per_sample.per_sample_conv2d`;
 * :class:`CondConv2d`, the module that owns the experts and the routing layer.
 
-Expert storage: ``Tensor[E, C_out, C_in/groups, kH, kW]``, one ``nn.Conv2d`` kernel
+Expert storage: ``Tensor[n, C_out, C_in/groups, kH, kW]``, one ``nn.Conv2d`` kernel
 per expert. The official TensorFlow code and the timm port store flattened
-``[E, num_params]`` matrices instead; :func:`experts_to_flat` and
+``[n, num_params]`` matrices instead; :func:`experts_to_flat` and
 :func:`experts_from_flat` convert between the layouts.
 """
 
@@ -83,9 +83,9 @@ def check_kernel_bank(
 ):
     """Checks of a functional form that mixes a bank of kernels per sample.
 
-    ``x``: ``Tensor[N, C_in, H, W]``; ``mixing``: ``Tensor[N, K]`` (CondConv's
-    routing, DY-CNN's attention); ``weight``: ``Tensor[K, C_out, C_in/g, kH, kW]``;
-    ``bias``: ``Tensor[K, C_out]`` or ``None``. Returns the parsed ``(stride,
+    ``x``: ``Tensor[N, C_in, H, W]``; ``mixing``: ``Tensor[N, n]`` (CondConv's
+    routing, DY-CNN's attention); ``weight``: ``Tensor[n, C_out, C_in/g, kH, kW]``;
+    ``bias``: ``Tensor[n, C_out]`` or ``None``. Returns the parsed ``(stride,
     padding, dilation, groups)``.
     """
     check_float_tensor(weight, "weight", owner=owner, ndim=5)
@@ -109,14 +109,14 @@ def mix_experts(
 ) -> tuple[Tensor, Tensor | None]:
     """Per-sample kernels and biases as routing-weighted sums of the experts.
 
-    Computes ``W(x_i) = sum_e routing[i, e] * weight[e]`` (and the same for the
-    bias) for every sample ``i`` as *one* matrix product
-    ``routing @ weight.reshape(E, -1)``, the form of the official TensorFlow code.
+    Computes ``W(x_j) = sum_i routing[j, i] * weight[i]`` (and the same for the
+    bias) for every sample ``j`` as *one* matrix product
+    ``routing @ weight.reshape(n, -1)``, the form of the official TensorFlow code.
 
     Args:
-        routing: ``Tensor[N, E]``, the routing weights of each sample.
-        weight: ``Tensor[E, C_out, C_in/groups, kH, kW]``, the expert kernels.
-        bias: optional ``Tensor[E, C_out]``, the expert biases.
+        routing: ``Tensor[N, n]``, the routing weights of each sample.
+        weight: ``Tensor[n, C_out, C_in/groups, kH, kW]``, the expert kernels.
+        bias: optional ``Tensor[n, C_out]``, the expert biases.
 
     Returns:
         ``(kernel, bias)``: ``Tensor[N, C_out, C_in/groups, kH, kW]`` and
@@ -142,7 +142,7 @@ def condconv2d(
 ) -> Tensor:
     """CondConv: convolve each sample with its routing-weighted mixture of experts.
 
-    ``y_i = (sum_e routing[i, e] W_e) * x_i + sum_e routing[i, e] b_e``: by default
+    ``y_j = (sum_i routing[j, i] W_i) * x_j + sum_i routing[j, i] b_i``: by default
     the kernels are mixed first (:func:`mix_experts`), then the batch runs as one
     grouped convolution (:func:`refimpl.per_sample.per_sample_conv2d`); at deep
     layers the experts' convolutions are run at once and their outputs mixed
@@ -152,17 +152,17 @@ def condconv2d(
 
     Args:
         input: ``Tensor[N, C_in, H, W]``.
-        routing: ``Tensor[N, E]``, routing weights (any real values; CondConv2d
+        routing: ``Tensor[N, n]``, routing weights (any real values; CondConv2d
             produces them in ``(0, 1)`` with a sigmoid).
-        weight: ``Tensor[E, C_out, C_in/groups, kH, kW]``, the expert kernels.
-        bias: optional ``Tensor[E, C_out]``, the expert biases.
+        weight: ``Tensor[n, C_out, C_in/groups, kH, kW]``, the expert kernels.
+        bias: optional ``Tensor[n, C_out]``, the expert biases.
         stride, padding, dilation: ints or pairs, as in ``torch.nn.functional.conv2d``.
         groups: channel groups, as in ``torch.nn.functional.conv2d``.
         algorithm: ``"auto"`` (default, the cheapest for the shape by
             :func:`refimpl.per_sample.bank_costs`), ``"grouped"`` or ``"unfold"``
             (mix the kernels, then the batch folded into the groups, or im2col
             and a batched product), or ``"outputs"`` (one convolution with all
-            ``E * C_out`` expert filters, then the outputs mixed).
+            ``n * C_out`` expert filters, then the outputs mixed).
         keep_kernels: keep the mixed kernels for the backward instead of mixing
             them again there (more memory, one pass less).
 
@@ -173,8 +173,8 @@ def condconv2d(
     Raises:
         TypeError: for a non-tensor or non-floating argument, or (outside
             autocast) operands whose dtype differs from the input's.
-        ValueError: for a routing that is not ``[N, E]``, an input whose channels do
-            not match the experts, a bias that is not ``[E, C_out]``, an invalid
+        ValueError: for a routing that is not ``[N, n]``, an input whose channels do
+            not match the experts, a bias that is not ``[n, C_out]``, an invalid
             convolution geometry, or an unknown ``algorithm``.
     """
     geometry = (stride, padding, dilation, groups)
@@ -201,18 +201,18 @@ def condconv2d_reference(
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
 ) -> Tensor:
-    """Literal mixture of experts: ``sum_e routing[:, e] * conv2d(x, W_e, b_e)``.
+    """Literal mixture of experts: ``sum_i routing[:, i] * conv2d(x, W_i, b_i)``.
 
     Same arguments and result as :func:`condconv2d`, computed the expensive way the
     paper compares against (its Fig. 1b): one full convolution per expert, outputs
-    mixed afterwards. It costs ``E`` convolutions instead of one; the tests and
+    mixed afterwards. It costs ``n`` convolutions instead of one; the tests and
     chapter 2 use it to check :func:`condconv2d`.
 
     Args:
         input: ``Tensor[N, C_in, H, W]``.
-        routing: ``Tensor[N, E]``.
-        weight: ``Tensor[E, C_out, C_in/groups, kH, kW]``.
-        bias: optional ``Tensor[E, C_out]``.
+        routing: ``Tensor[N, n]``.
+        weight: ``Tensor[n, C_out, C_in/groups, kH, kW]``.
+        bias: optional ``Tensor[n, C_out]``.
         stride, padding, dilation, groups: as in :func:`condconv2d`.
 
     Returns:
@@ -303,7 +303,7 @@ def bank_forward(
     algorithm: str = "auto",
     keep_kernels: bool = False,
 ) -> Tensor:
-    """Bank ``Tensor[K, C_out, C_in/g, kH, kW]`` mixed by ``mixing: Tensor[N, K]``,
+    """Bank ``Tensor[n, C_out, C_in/g, kH, kW]`` mixed by ``mixing: Tensor[N, K]``,
     applied to ``x``, on checked arguments: the algorithm of ``algorithm``
     (``"auto"`` resolved by :func:`bank_algorithm`); the mixed kernels are not
     kept for the backward unless ``keep_kernels``."""
@@ -360,25 +360,25 @@ def mixture_of_convolutions(
 
 
 def experts_to_flat(weight: Tensor, layout: str = "timm") -> Tensor:
-    """Flatten a bank ``Tensor[E, C_out, C_in/g, kH, kW]`` to ``Tensor[E, P]``.
+    """Flatten a bank ``Tensor[n, C_out, C_in/g, kH, kW]`` to ``Tensor[n, P]``.
 
     ``P = C_out * C_in/g * kH * kW``. Two layouts exist:
 
     * ``"timm"`` (timm's ``CondConv2d.weight``): each row is one expert in
-      PyTorch order ``(C_out, C_in/g, kH, kW)``, i.e. ``weight.reshape(E, -1)``.
+      PyTorch order ``(C_out, C_in/g, kH, kW)``, i.e. ``weight.reshape(n, -1)``.
       Any ``groups``.
     * ``"tf"`` (the official ``CondConv2D.condconv_kernel``): each row is one
       expert in TensorFlow order ``(kH, kW, C_in, C_out)``. Only dense
       convolutions (``groups=1``), as TensorFlow's ``CondConv2D``.
 
-    Expert biases ``Tensor[E, C_out]`` need no conversion: all layouts agree.
+    Expert biases ``Tensor[n, C_out]`` need no conversion: all layouts agree.
 
     Args:
-        weight: ``Tensor[E, C_out, C_in/g, kH, kW]``, e.g. ``CondConv2d.weight``.
+        weight: ``Tensor[n, C_out, C_in/g, kH, kW]``, e.g. ``CondConv2d.weight``.
         layout: ``"timm"`` or ``"tf"``.
 
     Returns:
-        ``Tensor[E, P]``; load it with ``timm_module.weight.copy_(flat)``.
+        ``Tensor[n, P]``; load it with ``timm_module.weight.copy_(flat)``.
 
     Raises:
         ValueError: for an unknown layout or a weight that is not 5-D.
@@ -397,17 +397,17 @@ def experts_from_flat(
     kernel_size: int | tuple[int, int],
     layout: str = "timm",
 ) -> Tensor:
-    """Inverse of :func:`experts_to_flat`: ``Tensor[E, P]`` to a 5-D expert bank.
+    """Inverse of :func:`experts_to_flat`: ``Tensor[n, P]`` to a 5-D expert bank.
 
     Args:
-        flat: ``Tensor[E, P]`` in the ``"timm"`` or ``"tf"`` layout.
+        flat: ``Tensor[n, P]`` in the ``"timm"`` or ``"tf"`` layout.
         out_channels: ``C_out``.
         in_channels_per_group: ``C_in/groups`` (``C_in`` for the ``"tf"`` layout).
         kernel_size: ``k`` or ``(kH, kW)``.
         layout: ``"timm"`` or ``"tf"``.
 
     Returns:
-        ``Tensor[E, C_out, C_in/g, kH, kW]``, ready for
+        ``Tensor[n, C_out, C_in/g, kH, kW]``, ready for
         ``CondConv2d.weight.copy_(...)``.
 
     Raises:
@@ -442,7 +442,7 @@ class CondRouting(NamedTuple):
     """The input-dependent part of :class:`CondConv2d`."""
 
     routing: Tensor
-    """``Tensor[N, E]``, sigmoid routing weights in ``(0, 1)``."""
+    """``Tensor[N, n]``, sigmoid routing weights in ``(0, 1)``."""
 
 
 class CondConv2d(Conv2dBase):
@@ -452,7 +452,7 @@ class CondConv2d(Conv2dBase):
     ``num_kernels`` expert kernels:
 
     ``alpha = sigmoid(R GAP(x_i) + c)``,
-    ``y_i = (sum_e alpha_e W_e) * x_i + sum_e alpha_e b_e``.
+    ``y_j = (sum_i alpha_i W_i) * x_j + sum_i alpha_i b_i``.
 
     Yang, Bender, Le and Ngiam, "CondConv: Conditionally Parameterized
     Convolutions for Efficient Inference", NeurIPS 2019, arXiv:1904.04971.
@@ -476,7 +476,7 @@ class CondConv2d(Conv2dBase):
       layer's ``forward(x, routing)``.
 
     Deviations: the experts are stored as a 5-D bank, not the flattened
-    ``[E, num_params]`` matrix of the official code and of timm (convert with
+    ``[n, num_params]`` matrix of the official code and of timm (convert with
     :func:`experts_to_flat` / :func:`experts_from_flat`, or load a timm checkpoint
     with :meth:`~refimpl._conv.Conv2dBase.load_official_state_dict`); padding is
     ``nn.Conv2d``'s (numbers, ``"same"``, ``"valid"``, any ``padding_mode``), not
@@ -487,7 +487,7 @@ class CondConv2d(Conv2dBase):
     Args:
         conv_args: ``nn.Conv2d``'s arguments, ``in_channels`` to ``padding_mode``,
             with the same meaning; ``bias`` gives each expert a bias.
-        num_kernels: ``E``, the number of expert kernels (the paper's
+        num_kernels: ``n``, the number of expert kernels (the paper's
             ``num_experts``; 8 for the "CondConv (8x)" networks of later papers,
             the official EfficientNet uses 4 or 8).
         algorithm: how the batch is computed, see :func:`condconv2d`:
@@ -498,13 +498,13 @@ class CondConv2d(Conv2dBase):
         device, dtype: factory keyword arguments for the parameters.
 
     Shapes:
-        ``forward(Tensor[N, C_in, H, W], routing: Tensor[N, E] | None)`` returns
+        ``forward(Tensor[N, C_in, H, W], routing: Tensor[N, n] | None)`` returns
         ``Tensor[N, C_out, H_out, W_out]``; unbatched ``Tensor[C_in, H, W]`` too.
 
     Attributes:
-        weight: ``Tensor[E, C_out, C_in/groups, kH, kW]``, the experts.
-        bias: ``Tensor[E, C_out]`` or ``None``.
-        routing_fc: the ``nn.Linear(C_in, E)`` of the routing function.
+        weight: ``Tensor[n, C_out, C_in/groups, kH, kW]``, the experts.
+        bias: ``Tensor[n, C_out]`` or ``None``.
+        routing_fc: the ``nn.Linear(C_in, n)`` of the routing function.
     """
 
     def __init__(
@@ -566,7 +566,7 @@ class CondConv2d(Conv2dBase):
 
         Args:
             input: ``Tensor[N, C_in, H, W]`` or unbatched ``Tensor[C_in, H, W]``.
-            routing: optional ``Tensor[N, E]`` (``Tensor[E]`` for an unbatched
+            routing: optional ``Tensor[N, n]`` (``Tensor[n]`` for an unbatched
                 input) computed outside, e.g. by another layer's
                 :meth:`~refimpl._conv.Conv2dBase.dynamic_tensors`, to share one
                 routing vector per block as the official EfficientNet does.
@@ -578,7 +578,7 @@ class CondConv2d(Conv2dBase):
         Raises:
             TypeError: for a non-tensor or non-floating input or routing.
             ValueError: for an input without ``C_in`` channels or a routing that is
-                not ``[N, E]``.
+                not ``[N, n]``.
         """
         x, unbatched = self._check_input(input)
         if routing is not None:
@@ -603,7 +603,7 @@ class CondConv2d(Conv2dBase):
 
     def _preserve(self, weight: Tensor, bias: Tensor | None) -> None:
         """Function-preserving start: a zero routing matrix makes every
-        ``alpha_e = sigmoid(0) = 1/2``, and the experts are ``2 W / E`` plus
+        ``alpha_i = sigmoid(0) = 1/2``, and the experts are ``2 W / n`` plus
         zero-sum perturbations (:func:`refimpl._conv.spread_kernel`), so the mixed
         kernel is ``W`` for every input. The routing bias stays zero."""
         scale = 0.5 * self.num_kernels
@@ -614,9 +614,9 @@ class CondConv2d(Conv2dBase):
             self.bias.copy_(bias.to(self.bias.dtype).expand_as(self.bias) / scale)
 
     def _official_names(self):
-        """timm's ``CondConv2d`` (``weight [E, C_out*C_in/g*kH*kW]``, ``bias
-        [E, C_out]``) and the routing layer of its block, ``routing_fn``
-        (``nn.Linear(C_in, E)``)."""
+        """timm's ``CondConv2d`` (``weight [n, C_out*C_in/g*kH*kW]``, ``bias
+        [n, C_out]``) and the routing layer of its block, ``routing_fn``
+        (``nn.Linear(C_in, n)``)."""
         e, c_out = self.num_kernels, self.out_channels
         names = {
             "weight": ("weight", (e, self.weight[0].numel())),

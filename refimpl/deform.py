@@ -671,9 +671,10 @@ class DeformConv2d(Conv2dBase):
     starts at exactly 1, so a fresh layer *is* the plain convolution, with or
     without modulation. ``mask_scale=1.0`` gives the paper's :math:`[0, 1]` range
     and mmcv's ``ModulatedDeformConv2dPack`` (mask 0.5 at the start, so the fresh
-    layer is half the plain convolution). The official codes train
-    ``conv_offset`` with a 0.1x learning rate (DCNv2); give its parameters their
-    own optimiser group to do the same.
+    layer is half the plain convolution). The official DCNv2 example trains the
+    offset and mask convolution with ``lr_mult=0.1`` (the DCNv1 R-FCN code with
+    the base rate); give ``conv_offset``'s parameters their own optimiser group,
+    with a tenth of the learning rate, to do the same (chapter 6 shows how).
 
     ``weight`` and ``bias`` have ``nn.Conv2d``'s shapes and initialisation, drawn
     in the same order, so under the same seed they equal those of

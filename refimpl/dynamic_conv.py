@@ -1,15 +1,16 @@
-"""Dynamic convolution: softmax attention over ``K`` convolution kernels.
+"""Dynamic convolution: softmax attention over ``n`` convolution kernels.
 
 Chen, Dai, Liu, Chen, Yuan and Liu, "Dynamic Convolution: Attention over
 Convolution Kernels", CVPR 2020, arXiv:1912.03458 (DY-CNN). Chapter 3 of the
 book derives everything in this module.
 
-A dynamic convolution owns ``K`` kernels ``W_k`` and biases ``b_k``. For every
-sample it computes an attention vector ``pi(x)`` on the probability simplex and
-convolves the sample with the aggregated kernel::
+A dynamic convolution owns ``n`` kernels ``W_i`` and biases ``b_i`` (``n`` is
+``num_kernels``; the paper writes ``K``). For every sample it computes an
+attention vector ``alpha(x)`` (the paper's ``pi(x)``) on the probability simplex
+and convolves the sample with the aggregated kernel::
 
-    pi(x) = softmax(z(x) / tau),   z(x) = W2 relu(W1 GAP(x)) + c2
-    y     = (sum_k pi_k(x) W_k) * x + sum_k pi_k(x) b_k
+    alpha(x) = softmax(z(x) / tau),   z(x) = W2 relu(W1 GAP(x)) + c2
+    y        = (sum_i alpha_i(x) W_i) * x + sum_i alpha_i(x) b_i
 
 The authors published no code. Every choice the paper leaves open is stated in
 the docstring that makes it; none of the quirks of the unofficial port
@@ -131,7 +132,7 @@ def kernel_attention(
 
     The squeeze-and-excitation shaped branch of DY-CNN (chapter 3): global
     average pooling, a fully connected layer without bias that squeezes the
-    channels, ReLU, a fully connected layer with bias to ``K`` logits, and a
+    channels, ReLU, a fully connected layer with bias to ``n`` logits, and a
     softmax with temperature. There is no BatchNorm (the paper's text does not
     settle it; without it the attention of a sample depends on that sample
     only).
@@ -139,13 +140,13 @@ def kernel_attention(
     Args:
         x: ``Tensor[N, C_in, H, W]``.
         fc1_weight: ``Tensor[hidden, C_in]``.
-        fc2_weight: ``Tensor[K, hidden]``.
-        fc2_bias: ``Tensor[K]`` or ``None``.
+        fc2_weight: ``Tensor[n, hidden]``.
+        fc2_bias: ``Tensor[n]`` or ``None``.
         temperature: softmax temperature ``tau > 0``; large values flatten the
-            attention towards ``1 / K``, small ones sharpen it towards one-hot.
+            attention towards ``1 / n``, small ones sharpen it towards one-hot.
 
     Returns:
-        ``Tensor[N, K]``, non-negative, each row summing to 1.
+        ``Tensor[N, n]``, non-negative, each row summing to 1.
     """
     pooled = x.mean(dim=(2, 3))
     hidden = F.relu(F.linear(pooled, fc1_weight))
@@ -166,25 +167,25 @@ def dynamic_conv2d(
     algorithm: str = "auto",
     keep_kernels: bool = False,
 ) -> Tensor:
-    """Convolve each sample with its attention-weighted sum of ``K`` kernels.
+    """Convolve each sample with its attention-weighted sum of ``n`` kernels.
 
     Sample ``n`` is convolved with ``sum_k attention[n, k] * weight[k]`` and
     shifted by ``sum_k attention[n, k] * bias[k]`` (chapter 3, equation
     ``dy-aggregate``). The ``N`` aggregated kernels cost one small matrix
     product; the convolutions run as one grouped convolution through
     :func:`refimpl.per_sample.per_sample_conv2d`, so the cost is that of a
-    static convolution plus ``N * K * |W|`` multiply-adds for the aggregation,
+    static convolution plus ``N * n * |W|`` multiply-adds for the aggregation,
     and the ``N`` aggregated kernels written to memory. Where few output
-    positions share each kernel (deep layers) writing them costs more than ``K``
-    convolutions, and ``algorithm="auto"`` runs the ``K`` kernels as one static
+    positions share each kernel (deep layers) writing them costs more than ``n``
+    convolutions, and ``algorithm="auto"`` runs the ``n`` kernels as one static
     convolution and mixes the outputs instead (:func:`refimpl.per_sample.bank_costs`).
 
     Args:
         input: ``Tensor[N, C_in, H, W]``.
-        attention: ``Tensor[N, K]``, usually from :func:`kernel_attention`. Any
+        attention: ``Tensor[N, n]``, usually from :func:`kernel_attention`. Any
             real weights are accepted: the aggregation is linear in them.
-        weight: ``Tensor[K, C_out, C_in/groups, kH, kW]``.
-        bias: optional ``Tensor[K, C_out]``.
+        weight: ``Tensor[n, C_out, C_in/groups, kH, kW]``.
+        bias: optional ``Tensor[n, C_out]``.
         stride, padding, dilation: ints or pairs, as in ``torch.nn.Conv2d``.
         groups: channel groups, as in ``torch.nn.Conv2d``.
         algorithm: ``"auto"``, ``"grouped"``, ``"unfold"`` or ``"outputs"``, as
@@ -200,7 +201,7 @@ def dynamic_conv2d(
         ValueError: for inconsistent shapes or an unknown ``algorithm``, with the
             expected and actual values.
     """
-    # Mixing K kernels by attention is CondConv's mixing of experts (chapter 2);
+    # Mixing n kernels by attention is CondConv's mixing of experts (chapter 2);
     # only the weights that do the mixing differ.
     geometry = (stride, padding, dilation, groups)
     return bank_conv2d(
@@ -226,17 +227,17 @@ def dynamic_conv2d_reference(
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
 ) -> Tensor:
-    """Literal reference for :func:`dynamic_conv2d`: ``K`` convolutions, then mixed.
+    """Literal reference for :func:`dynamic_conv2d`: ``n`` convolutions, then mixed.
 
     Computes ``sum_k attention[:, k] * (conv(x, weight[k]) + bias[k])`` with one
     ``F.conv2d`` per kernel: the mixture-of-experts reading of the operator. By
     linearity of convolution it equals convolving with the aggregated kernel,
-    which is what the tests check in float64. It costs ``K`` convolutions, so it
+    which is what the tests check in float64. It costs ``n`` convolutions, so it
     only serves as the obviously-right reference (chapter 3 shows both).
 
     Args and returns as for :func:`dynamic_conv2d`.
     """
-    # the same mixture of K convolutions as CondConv's reference (chapter 2)
+    # the same mixture of n convolutions as CondConv's reference (chapter 2)
     geometry = (stride, padding, dilation, groups)
     return bank_conv2d(
         "dynamic_conv2d_reference",
@@ -257,25 +258,25 @@ class KernelAttention(NamedTuple):
     """The input-dependent part of :class:`DynamicConv2d`."""
 
     attention: Tensor
-    """``Tensor[N, K]``, softmax attention over the kernels (rows sum to 1)."""
+    """``Tensor[N, n]``, softmax attention over the kernels (rows sum to 1)."""
 
 
 class DynamicConv2d(TemperatureMixin, Conv2dBase):
-    """Dynamic convolution (DY-CNN): softmax attention over ``K`` kernels.
+    """Dynamic convolution (DY-CNN): softmax attention over ``n`` kernels.
 
     Drop-in replacement for ``torch.nn.Conv2d``: same constructor arguments and
     output shape, plus the keyword-only ``num_kernels``, ``reduction``,
     ``min_hidden`` and ``temperature``. For every sample the attention branch of
-    :func:`kernel_attention` weighs the ``K`` kernels and biases, and the sample
+    :func:`kernel_attention` weighs the ``n`` kernels and biases, and the sample
     is convolved with the aggregated kernel (:func:`dynamic_conv2d`). Paper:
     Chen et al., "Dynamic Convolution: Attention over Convolution Kernels", CVPR
     2020, arXiv:1912.03458; derivation and experiments in chapter 3.
 
-    Parameters: ``weight: Tensor[K, C_out, C_in/groups, kH, kW]``, each kernel
+    Parameters: ``weight: Tensor[n, C_out, C_in/groups, kH, kW]``, each kernel
     initialised independently like ``nn.Conv2d`` (Kaiming-uniform, ``a=sqrt(5)``);
-    ``bias: Tensor[K, C_out]`` (or ``None``), each row initialised like
+    ``bias: Tensor[n, C_out]`` (or ``None``), each row initialised like
     ``nn.Conv2d``'s bias; ``fc1`` (``Linear(C_in, hidden)``, no bias) and ``fc2``
-    (``Linear(hidden, K)``, bias initialised to zero so that no kernel is
+    (``Linear(hidden, n)``, bias initialised to zero so that no kernel is
     favoured at the start), with ``hidden = max(floor(C_in * reduction),
     min_hidden)``.
 
@@ -290,8 +291,8 @@ class DynamicConv2d(TemperatureMixin, Conv2dBase):
 
     Args:
         conv_args: ``nn.Conv2d``'s arguments, ``in_channels`` to ``padding_mode``,
-            with the same meaning; ``bias`` gives each of the ``K`` kernels a bias.
-        num_kernels: ``K``, the number of kernels (paper: 4).
+            with the same meaning; ``bias`` gives each of the ``n`` kernels a bias.
+        num_kernels: ``n``, the number of kernels (paper: 4).
         reduction: hidden width of the attention branch as a fraction of
             ``C_in`` (paper: 1/4).
         min_hidden: smallest hidden width (4: an RGB input would otherwise get 0).
@@ -378,7 +379,7 @@ class DynamicConv2d(TemperatureMixin, Conv2dBase):
 
     def _preserve(self, weight: Tensor, bias: Tensor | None) -> None:
         """Function-preserving start: a zero ``fc2`` gives the uniform attention
-        ``1/K`` at any temperature, and the kernels are ``W`` plus zero-sum
+        ``1/n`` at any temperature, and the kernels are ``W`` plus zero-sum
         perturbations (:func:`refimpl._conv.spread_kernel`), so the aggregated
         kernel is ``W`` for every input."""
         nn.init.zeros_(self.fc2.weight)
@@ -390,7 +391,7 @@ class DynamicConv2d(TemperatureMixin, Conv2dBase):
     def _official_names(self):
         """The PyTorch port's ``Dynamic_conv2d`` (kaijieshi7/Dynamic-convolution-
         Pytorch): ``weight``, ``bias`` as here; ``attention.fc1.weight [h, C_in, 1,
-        1]`` and ``attention.fc2.weight [K, h, 1, 1]``, ``attention.fc2.bias [K]``
+        1]`` and ``attention.fc2.weight [n, h, 1, 1]``, ``attention.fc2.bias [n]``
         (1x1 convolutions, reshaped to the linear layers)."""
         k, h = self.num_kernels, self.hidden
         names = {

@@ -612,11 +612,11 @@ class ODAttention(nn.Module):
 
     ``GAP -> Linear(C_in, h, no bias) -> BatchNorm -> ReLU`` gives ``a``, then
 
-    * channel: ``sigmoid(Linear(h, C_in)(a) / T)``;
-    * filter: ``sigmoid(Linear(h, C_out)(a) / T)``, absent for a depthwise layer
+    * channel: ``sigmoid(Linear(h, C_in)(a) / tau)``;
+    * filter: ``sigmoid(Linear(h, C_out)(a) / tau)``, absent for a depthwise layer
       (``C_in == groups == C_out``);
-    * spatial: ``sigmoid(Linear(h, kH*kW)(a) / T)``, absent for a 1x1 kernel;
-    * kernel: ``softmax(Linear(h, n)(a) / T)`` over the kernels, absent for ``n = 1``;
+    * spatial: ``sigmoid(Linear(h, kH*kW)(a) / tau)``, absent for a 1x1 kernel;
+    * kernel: ``softmax(Linear(h, n)(a) / tau)`` over the kernels, absent for ``n = 1``;
 
     with hidden width ``h`` (:func:`refimpl._conv.hidden_width`). Parameter
     names follow the official ``Attention`` module (``fc``, ``bn``, ``channel_fc``,
@@ -682,7 +682,7 @@ class ODAttention(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor, temperature: float = 1.0) -> ODAttentions:
-        """``Tensor[N, C_in, H, W]`` -> :class:`ODAttentions` at temperature ``T``."""
+        """``Tensor[N, C_in, H, W]`` -> :class:`ODAttentions` at temperature ``tau``."""
         a = self.fc(x.mean(dim=(2, 3)))
         if self.bn is not None:
             a = self.bn(a)

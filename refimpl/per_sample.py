@@ -392,17 +392,17 @@ def bank_costs(
 ) -> dict[str, dict[str, int]]:
     """What each algorithm of a kernel-bank layer costs for one forward.
 
-    A bank ``W: Tensor[K, C_out, C_in/g, kH, kW]`` is mixed per sample with
-    weights ``a: Tensor[N, K]``; the layer computes ``y_n = (sum_k a_nk W_k) * x_n``.
+    A bank ``W: Tensor[n, C_out, C_in/g, kH, kW]`` is mixed per sample with
+    weights ``a: Tensor[N, n]``; the layer computes ``y_j = (sum_i a_ji W_i) * x_j``.
     By linearity two orders give the same ``y`` (chapter 2):
 
-    * ``"grouped"`` / ``"unfold"``: mix the kernels, ``N * K * P`` MACs for
+    * ``"grouped"`` / ``"unfold"``: mix the kernels, ``N * n * P`` MACs for
       ``P = C_out * C_in/g * kH * kW``, writing ``N * P`` kernel entries, then one
       per-sample convolution (the batch folded into the groups, or im2col and a
       batched matrix product, which also writes ``N * C_in * kH * kW * H_out * W_out``
       columns);
-    * ``"outputs"``: one static convolution with ``K * C_out`` output channels
-      (``K`` times the MACs of the layer), writing ``N * K * C_out * H_out * W_out``
+    * ``"outputs"``: one static convolution with ``n * C_out`` output channels
+      (``n`` times the MACs of the layer), writing ``N * n * C_out * H_out * W_out``
       outputs, then their mixture (as many MACs). With ``taps_apart`` (ODConv's
       spatial attention, which differs per sample and per tap) the convolution is
       split into ``kH * kW`` 1x1 convolutions, one per tap, each mixed on its own.
@@ -417,7 +417,7 @@ def bank_costs(
 
     Args:
         input_shape: ``(N, C_in, H, W)`` (after any explicit padding).
-        weight_shape: ``(K, C_out, C_in/g, kH, kW)``.
+        weight_shape: ``(n, C_out, C_in/g, kH, kW)``.
         output_size: ``(H_out, W_out)``.
         itemsize: bytes per element (4 for float32).
         keep_kernels: whether the per-sample kernels are kept for the backward
@@ -670,11 +670,11 @@ def bank_outputs_conv2d(
 ) -> Tensor:
     """Convolve with every kernel of the bank at once, then mix the outputs.
 
-    ``y_n = sum_k mixing[n, k] (W_k * x_n) + bias_n``: one static ``F.conv2d`` with
-    ``K * C_out`` output channels (the bank ``Tensor[K, C_out, C_in/g, kH, kW]``
+    ``y_j = sum_i mixing[j, i] (W_i * x_j) + bias_j``: one static ``F.conv2d`` with
+    ``n * C_out`` output channels (the bank ``Tensor[n, C_out, C_in/g, kH, kW]``
     reordered so that each group's output channels stay together), then one
-    batched ``Tensor[1, K] @ Tensor[K, C_out/g * H_out * W_out]`` product per
-    sample and group. ``K`` times the multiply-adds of the layer, but no
+    batched ``Tensor[1, n] @ Tensor[n, C_out/g * H_out * W_out]`` product per
+    sample and group. ``n`` times the multiply-adds of the layer, but no
     per-sample kernel: at deep layers (few positions, many channels) the cheaper
     algorithm, and the batch is only a tensor dimension. ``bias`` is the mixed
     per-sample ``Tensor[N, C_out]`` or ``None``.

@@ -78,6 +78,9 @@ class ToyData:
         test_x: ``Tensor[N_test, 1, S, S]``.
         test_y: ``Tensor[N_test]``.
         num_classes: the number of classes.
+        train_frequency: ``Tensor[N_train]``, the spatial frequency (cycles per
+            pixel) of each training grating, or ``None`` for data that has none.
+        test_frequency: ``Tensor[N_test]``, the same for the test images.
     """
 
     train_x: Tensor
@@ -85,15 +88,23 @@ class ToyData:
     test_x: Tensor
     test_y: Tensor
     num_classes: int
+    train_frequency: Tensor | None = None
+    test_frequency: Tensor | None = None
 
     def to(self, device: torch.device | str) -> ToyData:
         """A copy with every tensor moved to ``device``."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
         return dataclasses.replace(
             self,
             train_x=self.train_x.to(device),
             train_y=self.train_y.to(device),
             test_x=self.test_x.to(device),
             test_y=self.test_y.to(device),
+            train_frequency=move(self.train_frequency),
+            test_frequency=move(self.test_frequency),
         )
 
 
@@ -103,7 +114,7 @@ def _gratings(
     num_classes: int,
     noise: float,
     generator: torch.Generator,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     n = labels.shape[0]
 
     def uniform(low: float, high: float) -> Tensor:
@@ -122,7 +133,7 @@ def _gratings(
         2 * math.pi * frequency[:, None, None] * along + phase[:, None, None]
     )
     images = images + noise * torch.randn(n, size, size, generator=generator)
-    return images.unsqueeze(1)
+    return images.unsqueeze(1), frequency
 
 
 def make_oriented_textures(
@@ -146,7 +157,10 @@ def make_oriented_textures(
     ``i % num_classes`` before shuffling, so counts differ by at most one.
 
     The tensors are created on the CPU (float32 images, int64 labels); move them
-    with :meth:`ToyData.to`. The same generator state gives the same data.
+    with :meth:`ToyData.to`. The same generator state gives the same data. The
+    frequency of every image is returned too (``train_frequency``,
+    ``test_frequency``), to ask whether a layer's attention follows it
+    (chapter 3).
 
     Args:
         generator: a CPU ``torch.Generator``; it is advanced.
@@ -177,14 +191,15 @@ def make_oriented_textures(
     if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
         raise ValueError(f"{owner} expected noise >= 0, got {noise!r}")
 
-    def split(n: int) -> tuple[Tensor, Tensor]:
+    def split(n: int) -> tuple[Tensor, Tensor, Tensor]:
         labels = torch.arange(n) % num_classes
         labels = labels[torch.randperm(n, generator=generator)]
-        return _gratings(labels, size, num_classes, float(noise), generator), labels
+        images, f = _gratings(labels, size, num_classes, float(noise), generator)
+        return images, labels, f
 
-    train_x, train_y = split(num_train)
-    test_x, test_y = split(num_test)
-    return ToyData(train_x, train_y, test_x, test_y, num_classes)
+    train_x, train_y, train_f = split(num_train)
+    test_x, test_y, test_f = split(num_test)
+    return ToyData(train_x, train_y, test_x, test_y, num_classes, train_f, test_f)
 
 
 class TinyCNN(nn.Module):

@@ -685,3 +685,48 @@ def test_auto_follows_the_cost_model():
             bank_algorithm((n, 512, 1, 1), layer.weight.shape, (1, 1), (1, 1), (1, 1))
             == "outputs"
         )
+
+
+def test_bn_and_activation_after_the_mixture_keep_the_equivalence():
+    # conv -> BN -> ReLU on the mixed kernel equals BN -> ReLU on the mixed expert
+    # outputs; a ReLU inside each expert, before the mixing, is another function.
+    m = _module(*GEOMETRIES[0], num_kernels=4)
+    bn = nn.BatchNorm2d(4, dtype=torch.float64)  # training mode: batch statistics
+    x = randn(5, 3, 8, 8, seed=3)
+    alpha = m.dynamic_tensors(x).routing
+    experts = torch.stack(
+        [F.conv2d(x, m.weight[i], m.bias[i], padding=1) for i in range(4)], dim=1
+    )
+    mixed_outputs = torch.einsum("ne,neohw->nohw", alpha, experts)
+    torch.testing.assert_close(
+        F.relu(bn(m(x))), F.relu(bn(mixed_outputs)), **F64
+    )  # fmt: skip
+    inside = torch.einsum("ne,neohw->nohw", alpha, F.relu(experts))
+    gap = (inside - F.relu(m(x))).norm() / F.relu(m(x)).norm()
+    assert gap > 0.1
+
+
+def _least_squares_residual(x, y, kernel_size, padding):
+    """Relative residual of the best static kernel and bias mapping x to y."""
+    columns = F.unfold(x, kernel_size, padding=padding)
+    a = columns.transpose(1, 2).reshape(-1, columns.shape[1])
+    a = torch.cat([a, a.new_ones(len(a), 1)], dim=1)
+    target = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+    fit = torch.linalg.lstsq(a, target).solution
+    return float((a @ fit - target).norm() / target.norm())
+
+
+def test_one_kernel_per_sample_but_no_static_kernel_for_a_routed_batch():
+    m = _module(4, 6, 3, 1, 1, 1, 1, (9, 9), num_kernels=3)
+    x = randn(8, 4, 9, 9, seed=4) + 2 * randn(8, 4, 1, 1, seed=5)
+    with torch.no_grad():
+        y = m(x)
+    # each sample alone is exactly a convolution (with its mixed kernel) ...
+    for j in range(8):
+        assert _least_squares_residual(x[j : j + 1], y[j : j + 1], 3, 1) < 1e-10
+    # ... a constant routing makes the whole batch one static convolution ...
+    with torch.no_grad():
+        frozen = m(x, torch.full((8, 3), 0.5, dtype=torch.float64))
+    assert _least_squares_residual(x, frozen, 3, 1) < 1e-10
+    # ... but with each sample routed differently, no static kernel fits the batch
+    assert _least_squares_residual(x, y, 3, 1) > 0.05

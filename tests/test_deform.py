@@ -122,6 +122,64 @@ def test_matches_torchvision(case, device):
     _assert_same(deform_conv2d, tv_ops.deform_conv2d, tensors, kwargs, tolerance(F64))
 
 
+# --- agreement with an independent sampler: F.grid_sample ----------------------------
+
+
+def _grid_sample_deform(x, offset, weight, bias, mask, stride, padding, dilation):
+    """DCNv2 written with ``F.grid_sample`` (bilinear, zeros outside, align_corners)
+    and one ``einsum``: a sampler independent of refimpl and of torchvision. Weight
+    groups are handled by a block-diagonal dense weight."""
+    n, c_in, h, w = x.shape
+    c_out, c_per_group, kh, kw = weight.shape
+    groups = c_in // c_per_group
+    ho, wo = offset.shape[2:]
+    g_d = offset.shape[1] // (2 * kh * kw)
+    a, b = torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij")
+    rows = torch.arange(ho).view(-1, 1) * stride[0] - padding[0]
+    cols = torch.arange(wo).view(1, -1) * stride[1] - padding[1]
+    off = offset.view(n, g_d, kh * kw, 2, ho, wo)
+    py = rows + dilation[0] * a.reshape(-1, 1, 1) + off[:, :, :, 0]
+    px = cols + dilation[1] * b.reshape(-1, 1, 1) + off[:, :, :, 1]
+    # pixel -> [-1, 1] with align_corners=True; a size-1 axis maps its pixel to 0
+    gy = 2 * py / (h - 1) - 1 if h > 1 else 2 * py
+    gx = 2 * px / (w - 1) - 1 if w > 1 else 2 * px
+    grid = torch.stack([gx, gy], dim=-1).reshape(n * g_d, kh * kw, ho * wo, 2)
+    samples = F.grid_sample(
+        x.reshape(n * g_d, c_in // g_d, h, w), grid, align_corners=True
+    ).view(n, g_d, c_in // g_d, kh * kw, ho, wo)
+    if mask is not None:
+        samples = samples * mask.view(n, g_d, 1, kh * kw, ho, wo)
+    dense = weight.new_zeros(c_out, c_in, kh * kw)
+    per_out = c_out // groups
+    for gi in range(groups):
+        rows_o = slice(gi * per_out, (gi + 1) * per_out)
+        cols_c = slice(gi * c_per_group, (gi + 1) * c_per_group)
+        dense[rows_o, cols_c] = weight[rows_o].reshape(per_out, c_per_group, -1)
+    out = torch.einsum(
+        "nctyx,oct->noyx", samples.reshape(n, c_in, kh * kw, ho, wo), dense
+    )
+    return out + bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("case", LOOP_CASES)
+def test_matches_grid_sample(case):
+    # grid_sample with align_corners=True and zero padding reads a point p of pixel
+    # coordinates exactly as torchvision's deformable kernel does: the same four
+    # corners, each kept only inside the image; the two agree in value and gradient
+    n, c_in, c_out, hw, kernel, s, p, d, g, og, masked = case
+    tensors, kwargs = _problem(n, c_in, c_out, hw, kernel, s, p, d, g, og, True)
+    x, offset, weight, bias, mask = tensors
+    if not masked:
+        tensors = (x, offset, weight, bias, None)
+
+    def reference(x, offset, weight, bias, mask, stride, padding, dilation):
+        return _grid_sample_deform(
+            x, offset, weight, bias, mask, stride, padding, dilation
+        )
+
+    _assert_same(deform_conv2d, reference, tensors, kwargs, tolerance(F64))
+
+
 def test_empty_batch_has_zero_gradients():
     tensors, kwargs = _problem(0, 4, 4, (5, 5), (3, 3), padding=1)
     out = deform_conv2d(*tensors[:4], mask=tensors[4], **kwargs)

@@ -285,7 +285,7 @@ def test_temperature_divides_every_logit():
     at1 = layer.dynamic_tensors(x)
     layer.temperature = 4.0
     at4 = layer.dynamic_tensors(x)
-    for p1, p4 in zip(at1[:3], at4[:3]):  # sigmoid heads: logit(p) scales by 1/T
+    for p1, p4 in zip(at1[:3], at4[:3]):  # sigmoid heads: logit(p) scales by 1/tau
         torch.testing.assert_close(torch.logit(p4), torch.logit(p1) / 4)
     log1, log4 = at1.kernel.log(), at4.kernel.log()
     torch.testing.assert_close(
@@ -713,3 +713,23 @@ def test_resolve_algorithm_and_errors():
     x = randn(2, 4, 5, 5)
     with pytest.raises(ValueError, match=r"odconv2d expected algorithm to be one of"):
         odconv2d(x, None, None, None, None, randn(1, 6, 4, 3, 3), algorithm="x")
+
+
+def test_official_temperature_ramp_is_temperature_schedule_one_step_ahead():
+    # OSVAI/ODConv (utils/misc.py, main.py): before the 0-based step i of epoch e,
+    # tau = 1 + max(0, (30 - 1) (10 M - m) / (10 M)) with m = e M + i + 1, written
+    # out here from that formula, not from refimpl.
+    from refimpl.dynamic_conv import temperature_schedule
+
+    steps = 7
+    total = 10 * steps
+    seen = []
+    for epoch in range(12):
+        for i in range(steps):
+            m = epoch * steps + i + 1
+            official = 1.0 + max(0.0, 29.0 * (total - m) / total)
+            ours = temperature_schedule(epoch + (i + 1) / steps)
+            assert math.isclose(ours, official, rel_tol=1e-12), (epoch, i)
+            seen.append(official)
+    assert 29.0 < seen[0] < 30.0  # the first step already runs below 30
+    assert seen[total - 1] == 1.0 and set(seen[total:]) == {1.0}

@@ -69,6 +69,24 @@ def test_dataset_shapes_and_dtypes():
     assert isinstance(moved, ToyData) and torch.equal(moved.test_y, d.test_y)
 
 
+def test_recorded_frequency_is_the_gratings_frequency():
+    # noise-free 64 x 64 gratings: the peak of each image's spectrum sits at the
+    # recorded frequency, to within the spectrum's bin spacing of 1/64
+    d = _data(num_train=8, num_test=8, size=64, noise=0.0)
+    assert d.train_frequency.shape == (8,) and d.test_frequency.shape == (8,)
+    for images, frequency in (
+        (d.train_x, d.train_frequency),
+        (d.test_x, d.test_frequency),
+    ):
+        spectrum = torch.fft.fft2(images[:, 0]).abs()
+        freqs = torch.fft.fftfreq(64)
+        radius = (freqs[:, None] ** 2 + freqs[None, :] ** 2).sqrt()
+        peak = radius.flatten()[spectrum.flatten(1).argmax(1)]
+        assert ((peak - frequency).abs() <= 1.5 / 64).all()
+    moved = d.to("cpu")
+    assert torch.equal(moved.test_frequency, d.test_frequency)
+
+
 @pytest.mark.parametrize("n, classes", [(2048, 8), (50, 8), (10, 3)])
 def test_classes_balanced(n, classes):
     d = _data(num_train=n, num_test=n, num_classes=classes)
