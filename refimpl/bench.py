@@ -222,7 +222,7 @@ def _dynamic_conv(spec: BenchSpec, device, dtype) -> Case:
     from .dynamic_conv import DynamicConv2d
 
     conv = _same_size(DynamicConv2d, spec, device, dtype)
-    return _module_case(conv, "DynamicConv2d, K=4 (attention + one grouped conv)")
+    return _module_case(conv, "DynamicConv2d, n=4 (attention + one grouped conv)")
 
 
 # --- chapter 4: ODConv -------------------------------------------------------------
