@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ._validation import check_positive_int
+from ._validation import check_bool, check_positive_int
 
 __all__ = [
     "BenchSpec",
@@ -222,7 +222,7 @@ def _dynamic_conv(spec: BenchSpec, device, dtype) -> Case:
     from .dynamic_conv import DynamicConv2d
 
     conv = _same_size(DynamicConv2d, spec, device, dtype)
-    return _module_case(conv, "DynamicConv2d, K=4 (attention + one grouped conv)")
+    return _module_case(conv, "DynamicConv2d, n=4 (attention + one grouped conv)")
 
 
 # --- chapter 4: ODConv -------------------------------------------------------------
@@ -322,6 +322,23 @@ def _ddf_module(spec: BenchSpec, device, dtype) -> Case:
     # the branches' 1x1 convolutions and linear layers are counted by the flop
     # counter; the filtering itself is added here
     case.macs = _ddf_macs
+    return case
+
+
+@register("ddf_pointwise")
+def _ddf_pointwise(spec: BenchSpec, device, dtype) -> Case:
+    """DDF followed by a 1x1 convolution: a full ``C -> C`` replacement of a k x k
+    convolution (DDF alone is depthwise and mixes no channels), the block chapter
+    8 compares and trains."""
+    from .ddf import DDFConv2d
+
+    c = _depthwise_channels(spec)
+    layer = nn.Sequential(
+        DDFConv2d(c, spec.kernel_size, device=device, dtype=dtype),
+        nn.Conv2d(c, spec.out_channels, 1, device=device, dtype=dtype),
+    )
+    case = _module_case(layer, "DDFConv2d then a 1x1 nn.Conv2d (mixes channels)")
+    case.macs = _ddf_macs  # the 1x1 convolution is seen by the flop counter
     return case
 
 
@@ -781,8 +798,9 @@ def _case_peak_memory(
     dtype,
     case: Case | None = None,
     threads: int | None = None,
+    fresh_process: bool = True,
 ) -> tuple[int, str]:
-    if _measured_in_fresh_process(name, device):
+    if fresh_process and _measured_in_fresh_process(name, device):
         module = _import_name(CASES[name])
         return _fresh_process_peak_memory(
             _case_forward_backward, name, module, spec, dtype, threads=threads
@@ -847,12 +865,16 @@ def run(
     rounds: int = 3,
     memory: bool = True,
     progress: Callable[[str], None] | None = None,
+    fresh_process: bool = True,
 ) -> list[dict]:
     """Measure ``names`` and the baseline; return one row per case with ratios.
 
     Latencies are the best of ``rounds`` interleaved medians. The peak memory is
     taken once per case after the rounds (:func:`peak_memory`; on the CPU, one
     fresh process per case); ``memory=False`` leaves it out (NaN).
+    ``fresh_process=False`` measures the CPU peak in this process with the
+    dispatcher count instead (seconds faster per case, but blind to the scratch
+    buffers of C++ kernels; see :func:`peak_memory`).
 
     A case that raises while it is built or run (an unsupported dtype, a missing
     optional package, :class:`SkipCase`) is skipped: its row has ``skipped`` set
@@ -868,6 +890,7 @@ def run(
     if unknown:
         raise ValueError(f"run expected case names from {list(CASES)}, got {unknown}")
     check_positive_int(rounds, "rounds", owner="run")
+    check_bool(fresh_process, "fresh_process", owner="run")
     if not (isinstance(min_run_time, (int, float)) and 0 < min_run_time < math.inf):
         raise ValueError(f"run expected min_run_time > 0 seconds, got {min_run_time!r}")
     nan = float("nan")
@@ -927,7 +950,7 @@ def run(
             for key in ("forward_s", "forward_backward_s"):
                 row[key] = m[key] if round_ == 0 else min(row[key], m[key])
     if memory:
-        _memory_phase(cases, rows, spec, device, dtype, say, progress)
+        _memory_phase(cases, rows, spec, device, dtype, say, progress, fresh_process)
     base = rows[baseline]
     for row in rows.values():
         row["forward_ratio"] = row["forward_s"] / base["forward_s"]
@@ -940,7 +963,9 @@ def run(
     return list(rows.values())
 
 
-def _memory_phase(cases, rows, spec, device, dtype, say, progress) -> None:
+def _memory_phase(
+    cases, rows, spec, device, dtype, say, progress, fresh_process=True
+) -> None:
     """Fill ``peak_bytes`` and ``peak_method`` of the rows of ``cases``."""
 
     def record(name, job):
@@ -957,10 +982,12 @@ def _memory_phase(cases, rows, spec, device, dtype, say, progress) -> None:
 
     def job(name):
         return lambda: _case_peak_memory(
-            name, spec, device, dtype, cases[name], threads
+            name, spec, device, dtype, cases[name], threads, fresh_process
         )
 
-    fresh = [n for n in cases if _measured_in_fresh_process(n, device)]
+    fresh = [
+        n for n in cases if fresh_process and _measured_in_fresh_process(n, device)
+    ]
     for name in cases:
         if name not in fresh:
             record(name, job(name))  # in this process, one at a time

@@ -54,6 +54,8 @@ __all__ = [
     #
     #
     # --- chapter 8: side by side
+    "COST_MEASURES",
+    "plot_cost_matrix",
 ]
 
 
@@ -1802,6 +1804,145 @@ def plot_offset_layout(kernel_size=(3, 3), offset_groups: int = 2):
 
 
 # === chapter 8: side-by-side figures =================================================
+
+#: The panels :func:`plot_cost_matrix` can draw: key of a
+#: :func:`refimpl.bench.run_stages` row -> panel title. ``params`` and ``macs``
+#: are divided by the baseline's here; the others are ratios already.
+COST_MEASURES = {
+    "params": "parameters",
+    "macs": "MACs",
+    "forward_ratio": "forward time",
+    "forward_backward_ratio": "forward+backward time",
+    "peak_ratio": "peak memory (fwd+bwd)",
+}
+
+
+def _stage_ratio(row: dict, base: dict, key: str) -> float:
+    value = row.get(key)
+    if key not in ("params", "macs"):
+        return float("nan") if value is None else float(value)
+    if value is None or not base.get(key):
+        return float("nan")
+    return value / base[key]
+
+
+def plot_cost_matrix(
+    rows: list[dict],
+    *,
+    batch: int | None = None,
+    measures=("params", "macs", "forward_backward_ratio", "peak_ratio"),
+    title: str | None = None,
+):
+    """Draw every operator's cost against ``nn.Conv2d`` at every stage shape.
+
+    One heatmap per measure (two per row of panels): one row per operator, one
+    column per ``(channels, size)`` shape, each cell the operator's figure
+    divided by the baseline's at the same shape and batch (1 = as costly as a
+    static convolution), on a logarithmic colour scale from 1/10 (blue) to 10
+    (red), with the ratio written in the cell (blank where it was not measured).
+    The rows are those of :func:`refimpl.bench.run_stages`, whose first row at
+    every shape is the baseline. Chapter 8 draws it for CondConv, DynamicConv,
+    ODConv, DDF, DCNv2 and FDConv at the four ResNet-50 stage shapes.
+
+    Args:
+        rows: the rows of :func:`refimpl.bench.run_stages` (skipped rows are
+            left out).
+        batch: the batch size to draw (default: the largest in ``rows``).
+        measures: keys of :data:`COST_MEASURES`, one panel each.
+        title: the figure's title (default: says the batch).
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        ValueError: no rows, a batch that is not in ``rows``, an unknown or
+            repeated measure, or no measure.
+    """
+    import math
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    if not rows:
+        raise ValueError("plot_cost_matrix expected rows from run_stages, got none")
+    measures = list(measures)
+    unknown = [m for m in measures if m not in COST_MEASURES]
+    if not measures or unknown or len(set(measures)) != len(measures):
+        raise ValueError(
+            f"plot_cost_matrix expected distinct measures from "
+            f"{list(COST_MEASURES)}, got {measures}"
+        )
+    batches = sorted({r["batch"] for r in rows})
+    batch = batches[-1] if batch is None else batch
+    if batch not in batches:
+        raise ValueError(f"plot_cost_matrix expected batch in {batches}, got {batch!r}")
+    here = [r for r in rows if r["batch"] == batch]
+    stages = list(dict.fromkeys((r["channels"], r["size"]) for r in here))
+    base = {}
+    for r in here:  # the first row at each shape is the baseline
+        base.setdefault((r["channels"], r["size"]), r)
+    baseline = here[0]["name"]
+    names = [
+        n
+        for n in dict.fromkeys(r["name"] for r in here if not r.get("skipped"))
+        if n != baseline
+    ]
+    ncols = 2 if len(measures) > 1 else 1
+    nrows = math.ceil(len(measures) / ncols)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(6.3, 0.3 * len(names) * nrows + 1.3 * nrows + 0.6),
+        squeeze=False,
+        sharey=True,
+    )
+    norm = LogNorm(vmin=0.1, vmax=10.0)
+    image = None
+    for index, key in enumerate(measures):
+        ax = axes[index // ncols][index % ncols]
+        grid = np.full((len(names), len(stages)), np.nan)
+        for r in here:
+            if r.get("skipped") or r["name"] not in names:
+                continue
+            stage = (r["channels"], r["size"])
+            value = _stage_ratio(r, base[stage], key)
+            grid[names.index(r["name"]), stages.index(stage)] = value
+        shown = np.where(grid > 0, grid, np.nan)
+        image = ax.imshow(
+            np.clip(shown, 0.1, 10.0), cmap="RdBu_r", norm=norm, aspect="auto"
+        )
+        for i in range(len(names)):
+            for j in range(len(stages)):
+                if np.isfinite(grid[i, j]):
+                    v = grid[i, j]
+                    text = f"{v:.2f}" if v < 10 else f"{v:.0f}"
+                    dark = abs(math.log10(max(min(v, 10.0), 0.1))) > 0.6
+                    ax.text(
+                        j,
+                        i,
+                        text,
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if dark else "black",
+                    )
+        ax.set_xticks(range(len(stages)), [f"{c}ch\n{s}²" for c, s in stages])
+        ax.set_yticks(range(len(names)), names)
+        ax.tick_params(labelsize=7)
+        ax.set_title(COST_MEASURES[key], fontsize=9)
+    for extra in range(len(measures), nrows * ncols):
+        axes[extra // ncols][extra % ncols].set_visible(False)
+    bar = fig.colorbar(
+        image, ax=axes.ravel().tolist(), orientation="horizontal", fraction=0.05
+    )
+    bar.set_label(f"ratio to {baseline} at the same shape (log scale)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    fig.suptitle(
+        title or f"Cost of each operator against {baseline}, batch {batch}",
+        fontsize=10,
+    )
+    return fig
 
 
 # (end of chapter 8 figures)

@@ -290,7 +290,7 @@ def test_the_compiled_ddf_case_is_the_eager_one_compiled(monkeypatch):
 
 def test_depthwise_cases_skip_other_shapes():
     spec = bench.BenchSpec(batch=2, in_channels=4, out_channels=6, size=8)
-    for name in ("conv2d_depthwise", "ddf", "DDFConv2d"):
+    for name in ("conv2d_depthwise", "ddf", "DDFConv2d", "ddf_pointwise"):
         with pytest.raises(bench.SkipCase, match="needs in_channels == out_channels"):
             bench.CASES[name](spec, CPU, torch.float32)
 
@@ -312,6 +312,42 @@ def test_counts_are_the_papers_macs_and_the_layers_parameters():
     # the filtering plus the branches' 1x1 convolution and linear layers
     branches = 2 * (9 * 4 * 64 + 4 * 1 + 1 * 36)
     assert macs == 2 * 4 * 64 * 9 + branches
+
+
+def test_ddf_pointwise_is_ddf_then_a_1x1_convolution():
+    square = bench.BenchSpec(batch=2, in_channels=4, out_channels=4, size=8)
+    torch.manual_seed(0)
+    case = bench.CASES["ddf_pointwise"](square, CPU, torch.float32)
+    ddf_layer, pointwise = case.fn
+    x = torch.randn(2, 4, 8, 8)
+    expected = torch.nn.functional.conv2d(
+        ddf_layer(x), pointwise.weight, pointwise.bias
+    )
+    torch.testing.assert_close(case.fn(x), expected)
+    assert pointwise.weight.shape == (4, 4, 1, 1)
+    # its counts are DDFConv2d's plus the 1x1 convolution's, computed by hand
+    ddf_alone = bench.CASES["DDFConv2d"](square, CPU, torch.float32)
+    p_ddf, m_ddf = bench.counts(ddf_alone, square, CPU, torch.float32)
+    params, macs = bench.counts(case, square, CPU, torch.float32)
+    assert params == p_ddf + 4 * 4 + 4
+    assert macs == m_ddf + 2 * 64 * 4 * 4
+    assert {id(p) for p in case.params} == {id(p) for p in case.fn.parameters()}
+
+
+def test_in_process_memory_starts_no_process(monkeypatch):
+    def no_process(*args, **kwargs):
+        raise AssertionError("a measuring process was started")
+
+    monkeypatch.setattr(bench.subprocess, "run", no_process)
+    rows = bench.run(
+        ["ddf_pointwise"], TINY, CPU, min_run_time=0.01, rounds=1, fresh_process=False
+    )
+    assert [r["peak_method"] for r in rows] == ["dispatcher count"] * 2
+    assert all(r["peak_bytes"] > 0 and r["peak_error"] is None for r in rows)
+    # at least the float32 output Tensor[2, 4, 8, 8] is live at the peak
+    assert rows[0]["peak_bytes"] >= 2 * 4 * 8 * 8 * 4
+    with pytest.raises(TypeError, match="run expected fresh_process to be a bool"):
+        bench.run([], TINY, CPU, fresh_process="no")
 
 
 def test_stages_cover_every_shape_and_batch(monkeypatch, tmp_path, capsys):

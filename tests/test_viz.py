@@ -679,4 +679,65 @@ def test_plot_offset_layout_errors(kwargs, error, message):
 # === chapter 8: side-by-side figures =================================================
 
 
+def _stage_rows():
+    """Rows shaped like run_stages's: a baseline first at every shape."""
+    rows = []
+    for batch in (1, 4):
+        for channels, size in ((8, 16), (16, 8)):
+            shape = {"batch": batch, "channels": channels, "size": size}
+            rows.append(
+                {"name": "conv2d", "params": 100, "macs": 1000, **shape,
+                 "forward_ratio": 1.0, "forward_backward_ratio": 1.0,
+                 "peak_ratio": 1.0, "skipped": None}
+            )  # fmt: skip
+            rows.append(
+                {"name": "op", "params": 400, "macs": 1500 * batch, **shape,
+                 "forward_ratio": 2.5, "forward_backward_ratio": 0.5,
+                 "peak_ratio": float("nan"), "skipped": None}
+            )  # fmt: skip
+            rows.append({"name": "gone", **shape, "skipped": "needs CUDA"})
+    return rows
+
+
+def test_cost_matrix_shows_each_ratio_to_the_baseline():
+    fig = viz.plot_cost_matrix(_stage_rows(), batch=4)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == [
+        "parameters",
+        "MACs",
+        "forward+backward time",
+        "peak memory (fwd+bwd)",
+    ]
+    assert fig.get_figwidth() <= 6.3
+    for ax in panels[::2]:  # the skipped case and the baseline are not rows
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["op"]
+    for ax in panels:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["8ch\n16²", "16ch\n8²"]
+    texts = [[t.get_text() for t in ax.texts] for ax in panels]
+    assert texts[0] == ["4.00", "4.00"]  # 400 / 100 parameters
+    assert texts[1] == ["6.00", "6.00"]  # 1500 * 4 / 1000 MACs at batch 4
+    assert texts[2] == ["0.50", "0.50"]
+    assert texts[3] == []  # not measured: blank cells
+    assert "batch 4" in fig._suptitle.get_text()
+    # the largest batch by default, one panel per measure asked for
+    fig = viz.plot_cost_matrix(_stage_rows(), measures=["macs"])
+    assert [t.get_text() for t in fig.axes[0].texts] == ["6.00", "6.00"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch": 2}, r"expected batch in \[1, 4\], got 2"),
+        ({"measures": ["time"]}, r"expected distinct measures"),
+        ({"measures": ["macs", "macs"]}, r"expected distinct measures"),
+        ({"measures": []}, r"expected distinct measures"),
+    ],
+)
+def test_cost_matrix_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=r"^plot_cost_matrix " + message):
+        viz.plot_cost_matrix(_stage_rows(), **kwargs)
+    with pytest.raises(ValueError, match=r"^plot_cost_matrix expected rows"):
+        viz.plot_cost_matrix([])
+
+
 # (end of chapter 8 figure tests)
