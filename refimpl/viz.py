@@ -31,28 +31,18 @@ __all__ = [
     "draw_fdconv_diagram",
     # --- chapter 1: arithmetic
     "draw_transposed_convolution",
-    #
-    #
     # --- chapter 2: CondConv
-    #
-    #
     "draw_condconv_diagram",
     "draw_batch_folding_diagram",
     # --- chapter 3: attention over kernels
     "draw_dynamic_conv_diagram",
-    #
-    #
     # --- chapter 4: ODConv
     "draw_odconv_attentions",
-    #
-    #
     # --- chapter 6: deformable convolution
     "DEFORMABLE_GRID_KINDS",
     "deformable_offsets",
     "plot_deformable_grids",
     "plot_offset_layout",
-    #
-    #
     # --- chapter 8: side by side
     "COST_MEASURES",
     "plot_cost_matrix",
@@ -972,9 +962,6 @@ def draw_transposed_convolution(
     return fig
 
 
-# (end of chapter 1 diagrams)
-
-
 # === chapter 2: CondConv diagrams ====================================================
 
 
@@ -1175,9 +1162,6 @@ def draw_batch_folding_diagram(
     return fig
 
 
-# (end of chapter 2 diagrams)
-
-
 # === chapter 3: attention-over-kernels diagrams ======================================
 
 
@@ -1290,9 +1274,6 @@ def draw_dynamic_conv_diagram(
         _diagram_arrow(ax, start, end)
     ax.set_title(f"DynamicConv: softmax attention over {n} kernels (DY-CNN)")
     return fig
-
-
-# (end of chapter 3 diagrams)
 
 
 # === chapter 4: ODConv diagrams ======================================================
@@ -1516,9 +1497,6 @@ def draw_odconv_attentions(
     ax.set_title("ODConv: four attentions from one trunk, one per axis of the bank",
                  fontsize=10)  # fmt: skip
     return fig
-
-
-# (end of chapter 4 diagrams)
 
 
 # === chapter 6: deformable-convolution diagrams ======================================
@@ -1800,9 +1778,6 @@ def plot_offset_layout(kernel_size=(3, 3), offset_groups: int = 2):
     return fig
 
 
-# (end of chapter 6 diagrams)
-
-
 # === chapter 8: side-by-side figures =================================================
 
 #: The panels :func:`plot_cost_matrix` can draw: key of a
@@ -1943,6 +1918,3 @@ def plot_cost_matrix(
         fontsize=10,
     )
     return fig
-
-
-# (end of chapter 8 figures)

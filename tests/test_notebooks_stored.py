@@ -87,6 +87,17 @@ def test_there_are_chapters():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_every_cell_has_a_unique_id(path):
+    """nbformat 4.5 cell ids: the site build warns about a missing one, and nbformat
+    will refuse it."""
+    nb = _load(path)
+    found = [c.get("id") for c in nb["cells"]]
+    missing = [i for i, cell_id in enumerate(found) if not cell_id]
+    assert not missing, f"{path.name}: cells without an id: {missing}"
+    assert len(set(found)) == len(found), f"{path.name}: repeated cell ids"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
 def test_executed_top_to_bottom(path):
     """Every non-empty code cell ran once, in order, in one fresh kernel."""
     nb = _load(path)

@@ -275,9 +275,6 @@ def test_transposed_convolution_diagram_rejects_non_int():
         viz.draw_transposed_convolution(3.0)
 
 
-# (end of chapter 1 diagram tests)
-
-
 # === chapter 2: CondConv diagrams ====================================================
 
 
@@ -367,9 +364,6 @@ def test_batch_folding_diagram_errors(kwargs, error, match):
         viz.draw_batch_folding_diagram(**kwargs)
 
 
-# (end of chapter 2 diagram tests)
-
-
 # === chapter 3: attention-over-kernels diagrams ======================================
 
 
@@ -426,9 +420,6 @@ def test_dynamic_conv_diagram_boxes_do_not_overlap_and_stay_inside():
 def test_dynamic_conv_diagram_errors(kwargs, error, message):
     with pytest.raises(error, match=r"^draw_dynamic_conv_diagram expected " + message):
         viz.draw_dynamic_conv_diagram(**kwargs)
-
-
-# (end of chapter 3 diagram tests)
 
 
 # === chapter 4: ODConv diagrams ======================================================
@@ -512,9 +503,6 @@ def test_odconv_attentions_diagram_rejects_undrawable_sizes(kwargs, name, shown)
         rf"got {shown}$",
     ):
         viz.draw_odconv_attentions(**kwargs)
-
-
-# (end of chapter 4 diagram tests)
 
 
 # === chapter 6: deformable-convolution diagrams ======================================
@@ -673,9 +661,6 @@ def test_plot_offset_layout_errors(kwargs, error, message):
         viz.plot_offset_layout(**kwargs)
 
 
-# (end of chapter 6 diagram tests)
-
-
 # === chapter 8: side-by-side figures =================================================
 
 
@@ -738,6 +723,3 @@ def test_cost_matrix_rejects_bad_arguments(kwargs, message):
         viz.plot_cost_matrix(_stage_rows(), **kwargs)
     with pytest.raises(ValueError, match=r"^plot_cost_matrix expected rows"):
         viz.plot_cost_matrix([])
-
-
-# (end of chapter 8 figure tests)
