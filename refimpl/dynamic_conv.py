@@ -83,11 +83,11 @@ def temperature_schedule(
     Convolution Kernels", CVPR 2020, arXiv:1912.03458) anneals the softmax
     temperature so that the attention is near-uniform in the first epochs
     (third-party summaries of the paper agree on this); the values ``30 -> 1``
-    over the first 10 epochs are attributed to it by the book's method
-    reference sheet, but the paper text could not be consulted to confirm
-    them. The exact linear form with these defaults is in ODConv's official code
-    (OSVAI/ODConv, ``utils/misc.py``, ``get_temperature``), which updates it
-    before every iteration ``i`` of epoch ``e`` with
+    over the first 10 epochs are attributed to it by secondary sources, but the
+    paper text could not be consulted to confirm them. The exact linear form with
+    these defaults is in ODConv's official code (OSVAI/ODConv, ``utils/misc.py``,
+    ``get_temperature``), which updates it before every iteration ``i`` of epoch
+    ``e`` with
     ``epoch = e + (i + 1) / iterations_per_epoch``. The unofficial DY-CNN port
     steps from 34 down by 3 per epoch instead; that is not reproduced here.
     Chapter 3 plots the schedule.

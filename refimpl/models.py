@@ -263,26 +263,15 @@ def paper_resnet50(
     Returns:
         The network, in training mode, on the CPU in float32.
     """
-    from torchvision.models import resnet50  # torchvision only needed here
-
-    from ._validation import check_positive_int
-    from .odconv import ODConv2d
-
     check_positive_int(num_kernels, "num_kernels", owner="paper_resnet50")
     check_positive_int(num_classes, "num_classes", owner="paper_resnet50")
-
-    def factory(conv: nn.Conv2d) -> nn.Module:
-        return ODConv2d.from_conv2d(
-            conv,
-            preserve=False,
-            num_kernels=num_kernels,
-            reduction=reduction,
-            min_hidden=min_hidden,
-            attention_norm=attention_norm,
-        )
-
-    return convert_conv2d(
-        resnet50(weights=None, num_classes=num_classes), factory, is_bottleneck_conv
+    return odconv_resnet(
+        50,
+        num_kernels,
+        reduction=reduction,
+        min_hidden=min_hidden,
+        attention_norm=attention_norm,
+        num_classes=num_classes,
     )
 
 
@@ -1325,10 +1314,7 @@ def dcnv2_resnet50(
 
 # --- the published counts, with their provenance (chapter 8) -------------------------
 
-_ODCONV_README = (
-    "README of OSVAI/ODConv (ImageNet table; the paper's totals, read "
-    "second-hand, agree)"
-)
+_ODCONV_README = "README of OSVAI/ODConv (ImageNet table)"
 _ODCONV_PAPER = (
     "ODConv paper (Li, Zhou, Yao, ICLR 2022), comparison table; second-hand, not "
     "checked against the paper's text"
@@ -1362,7 +1348,8 @@ class PublishedCount:
         millions: the figure in millions, at the published precision, or ``None``
             where no author publishes one (DCNv2).
         source: where the figure is printed; "second-hand" marks a figure quoted
-            from a later paper as methods.md records it, not checked in the text.
+            from a later paper's comparison table, not checked in that paper's
+            text.
         recipe_note: the placement and options that reproduce it, and its source.
         builder: the function that builds the network (a name in this module, or
             ``"torchvision.models.resnet50"`` style for a plain network).
@@ -1410,8 +1397,7 @@ def _row(key, method, network, millions, source, recipe, builder, decimals=2, **
 #: reproduces it; :func:`reproduce_published_counts` builds each network and
 #: compares. Figures are in millions at the authors' precision (two decimals; one
 #: for DDF and FDConv). Figures marked "second-hand" come from later papers'
-#: comparison tables as the project's reference sheet records them and were not
-#: checked against the papers' text.
+#: comparison tables and were not checked against the papers' text.
 #:
 #: :meta hide-value:
 PUBLISHED_COUNTS: tuple[PublishedCount, ...] = (
@@ -1466,7 +1452,7 @@ PUBLISHED_COUNTS: tuple[PublishedCount, ...] = (
         129.86,
         _ODCONV_PAPER,
         _CONDCONV_RECIPE.format(blocks="3 bottlenecks (layer4)")
-        + "; recipe derived (reference sheet), classifier as in "
+        + "; recipe derived here by counting, classifier as in "
         "d-li14/condconv.pytorch",
         "condconv_resnet",
         depth=50,
@@ -1479,7 +1465,7 @@ PUBLISHED_COUNTS: tuple[PublishedCount, ...] = (
         81.35,
         _KW_PAPER,
         _CONDCONV_RECIPE.format(blocks="3 basic blocks (layer3.1, layer4)")
-        + "; recipe derived (reference sheet)",
+        + "; recipe derived here by counting",
         "condconv_resnet",
         depth=18,
         num_kernels=8,
@@ -1502,7 +1488,7 @@ PUBLISHED_COUNTS: tuple[PublishedCount, ...] = (
         100.88,
         _ODCONV_PAPER + "; also the KernelWarehouse paper (second-hand)",
         _DY_RECIPE.format(bn=", BatchNorm")
-        + "; recipe derived (reference sheet): 100.87M without the BatchNorm",
+        + "; recipe derived here by counting: 100.87M without the BatchNorm",
         "dynamic_conv_resnet",
         depth=50,
         num_kernels=4,
@@ -1515,7 +1501,7 @@ PUBLISHED_COUNTS: tuple[PublishedCount, ...] = (
         45.47,
         _KW_PAPER,
         _DY_RECIPE.format(bn=", BatchNorm")
-        + "; recipe derived (reference sheet): 45.47M with or without the BatchNorm",
+        + "; recipe derived here by counting: 45.47M with or without the BatchNorm",
         "dynamic_conv_resnet",
         depth=18,
         num_kernels=4,
@@ -1528,7 +1514,7 @@ PUBLISHED_COUNTS: tuple[PublishedCount, ...] = (
         12.40,
         _ODCONV_PAPER,
         _DY_RECIPE.format(bn="")
-        + "; recipe derived (reference sheet): 12.41M with a BatchNorm",
+        + "; recipe derived here by counting: 12.41M with a BatchNorm",
         "dynamic_conv_mobilenet_v2",
         num_kernels=4,
         attention_norm=None,
