@@ -384,8 +384,11 @@ def conv2d_loops(
 
     .. math::
 
-        y[j, o, h, w] = \mathrm{bias}[o] + \sum_{c, a, b} W[o, c, a, b]\,
-        \tilde x[j, \gamma C_g + c, h s_H + a d_H, w s_W + b d_W],
+        \begin{aligned}
+        y[j, o, h, w] = {} & \mathrm{bias}[o] \\
+        & + \sum_{c, a, b} W[o, c, a, b]\,
+        \tilde x[j, \gamma C_g + c,\; h s_H + a d_H,\; w s_W + b d_W],
+        \end{aligned}
 
     with :math:`C_g = C_{\text{in}} / g` and :math:`\tilde x` the
     zero-padded input. This is what
