@@ -240,11 +240,7 @@ class TinyCNN(nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        if not callable(conv_factory):
-            raise TypeError(
-                f"{owner} expected conv_factory to be callable, got "
-                f"{type(conv_factory).__name__}"
-            )
+        _check_factory(conv_factory, "conv_factory", owner)
         check_positive_int(num_classes, "num_classes", owner=owner)
         check_positive_int(width, "width", owner=owner)
         check_positive_int(in_channels, "in_channels", owner=owner)
@@ -264,6 +260,14 @@ class TinyCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``Tensor[N, in_channels, S, S] -> Tensor[N, num_classes]``."""
         return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+
+def _check_factory(factory, name: str, owner: str) -> None:
+    # the networks' pluggable layer builders: one message for all of them
+    if not callable(factory):
+        raise TypeError(
+            f"{owner} expected {name} to be callable, got {type(factory).__name__}"
+        )
 
 
 @dataclasses.dataclass
@@ -345,53 +349,25 @@ def train(
     Raises:
         TypeError, ValueError: for malformed arguments, before training starts.
     """
-    owner = "train"
-    check_positive_int(epochs, "epochs", owner=owner)
-    check_positive_int(batch_size, "batch_size", owner=owner)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"{owner} expected lr > 0, got {lr!r}")
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"{owner} expected generator to be a torch.Generator, got "
-            f"{type(generator).__name__}"
-        )
-    if not isinstance(data, ToyData):
-        raise TypeError(
-            f"{owner} expected data to be a ToyData, got {type(data).__name__}"
-        )
-    for name, hook in (
-        ("on_epoch_start", on_epoch_start),
-        ("on_iteration_start", on_iteration_start),
-    ):
-        if hook is not None and not callable(hook):
-            raise TypeError(f"{owner} expected {name} to be callable or None")
-
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    n = data.train_x.shape[0]
-    steps = math.ceil(n / batch_size)
-    # cosine decay to zero: the last epochs settle instead of hopping around
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps)
     history = History([], [], 0.0)
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        if on_epoch_start is not None:
-            on_epoch_start(model, epoch)
-        model.train()
-        order = torch.randperm(n, generator=generator).to(data.train_x.device)
-        total = data.train_x.new_zeros((), dtype=torch.float64)
-        for i in range(steps):
-            if on_iteration_start is not None:
-                on_iteration_start(model, epoch + i / steps)
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.detach().double() * idx.shape[0]
-        history.train_loss.append(total.item() / n)
+
+    def after_epoch() -> None:
         history.test_accuracy.append(evaluate(model, data.test_x, data.test_y))
-    history.seconds = time.perf_counter() - start
+
+    history.train_loss, history.seconds = _fit(
+        "train",
+        model,
+        data,
+        ToyData,
+        F.cross_entropy,
+        after_epoch,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        generator=generator,
+        on_epoch_start=on_epoch_start,
+        on_iteration_start=on_iteration_start,
+    )
     return history
 
 
@@ -559,11 +535,7 @@ class TinyDenoiser(nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        if not callable(spatial_factory):
-            raise TypeError(
-                f"{owner} expected spatial_factory to be callable, got "
-                f"{type(spatial_factory).__name__}"
-            )
+        _check_factory(spatial_factory, "spatial_factory", owner)
         w = check_positive_int(width, "width", owner=owner)
         depth = check_positive_int(depth, "depth", owner=owner)
         self.head = nn.Sequential(nn.Conv2d(1, w, 1), nn.ReLU())
@@ -847,11 +819,7 @@ class TinySegmenter(nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        if not callable(conv_factory):
-            raise TypeError(
-                f"{owner} expected conv_factory to be callable, got "
-                f"{type(conv_factory).__name__}"
-            )
+        _check_factory(conv_factory, "conv_factory", owner)
         num_classes = check_positive_int(num_classes, "num_classes", owner=owner)
         w = check_positive_int(width, "width", owner=owner)
         depth = check_positive_int(depth, "depth", owner=owner)
@@ -989,15 +957,18 @@ def _fit(
     lr,
     batch_size,
     generator,
+    on_epoch_start=None,
     on_iteration_start=None,
 ):
-    """The training loop of :func:`train_denoiser` and :func:`train_segmenter`.
+    """The training loop of :func:`train`, :func:`train_denoiser` and
+    :func:`train_segmenter`.
 
     Checks the arguments, then trains with Adam and a cosine decay of ``lr`` to
-    zero over all steps, shuffling with ``generator``, and calls ``evaluate()``
-    after every epoch (and ``on_iteration_start(model, progress)``, when given,
-    before every step). Returns the mean training loss of every epoch and the
-    seconds spent.
+    zero over all steps (so the last epochs settle instead of hopping around),
+    shuffling with ``generator``, and calls ``evaluate()`` after every epoch (and,
+    when given, ``on_epoch_start(model, epoch)`` before every epoch and
+    ``on_iteration_start(model, progress)`` before every step). Returns the mean
+    training loss of every epoch and the seconds spent.
     """
     check_positive_int(epochs, "epochs", owner=owner)
     check_positive_int(batch_size, "batch_size", owner=owner)
@@ -1013,8 +984,12 @@ def _fit(
             f"{owner} expected data to be a {data_type.__name__}, got "
             f"{type(data).__name__}"
         )
-    if on_iteration_start is not None and not callable(on_iteration_start):
-        raise TypeError(f"{owner} expected on_iteration_start to be callable or None")
+    for name, hook in (
+        ("on_epoch_start", on_epoch_start),
+        ("on_iteration_start", on_iteration_start),
+    ):
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{owner} expected {name} to be callable or None")
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     n = data.train_x.shape[0]
     steps = math.ceil(n / batch_size)
@@ -1022,6 +997,8 @@ def _fit(
     losses = []
     start = time.perf_counter()
     for epoch in range(epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(model, epoch)
         model.train()
         order = torch.randperm(n, generator=generator).to(data.train_x.device)
         total = data.train_x.new_zeros((), dtype=torch.float64)
